@@ -1,0 +1,151 @@
+"""The ``syncd`` command line: one-line errors, exit 0 / 1 / 2 as DESIGN.md says."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import structlog
+from sqlalchemy.engine import make_url
+
+from syncd import __version__
+from syncd.config import (
+    Settings,
+    default_config_path,
+    load_settings,
+    render_settings,
+    startup_problems,
+)
+from syncd.errors import ConfigError, SyncdError
+from syncd.logs import configure_logging
+from syncd.store import SqlStore
+
+Command = Callable[[argparse.Namespace], int]
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    path = Path(args.config) if args.config else default_config_path()
+    return load_settings(path)
+
+
+def secrets_of(settings: Settings) -> list[str]:
+    """Every secret value in the settings, for the log redactor."""
+    values = [s.get_secret_value() for s in settings.webhooks.signing_secrets]
+    values += [
+        settings.webhooks.callback_token.get_secret_value(),
+        settings.masonhub.token.get_secret_value(),
+        settings.erp.token.get_secret_value(),
+    ]
+    password = make_url(settings.store.url).password
+    if password:
+        values.append(str(password))
+    return [v for v in values if v]
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    """Print the effective configuration with secrets masked."""
+    settings = _settings(args)
+    sys.stdout.write(render_settings(settings))
+    problems = startup_problems(settings)
+    for problem in problems:
+        print(f"syncd: error: {problem}", file=sys.stderr)
+    return 2 if problems else 0
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    """Upgrade the event store's schema to this version."""
+    settings = _settings(args)
+
+    async def migrate() -> str:
+        store = SqlStore(settings.store.url)
+        try:
+            before = await store.schema_status()
+            after = await store.migrate()
+        finally:
+            await store.close()
+        if before.current == after.current:
+            return f"schema already at revision {', '.join(after.current)}"
+        was = ", ".join(before.current) or "empty"
+        return f"schema migrated to revision {', '.join(after.current)} (was {was})"
+
+    print(asyncio.run(migrate()))
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Run the daemon until SIGTERM or SIGINT."""
+    from syncd.app import serve
+
+    settings = _settings(args)
+    problems = startup_problems(settings)
+    if problems:
+        raise ConfigError("webhooks", "; ".join(problems))
+    configure_logging(debug=args.debug, secrets=secrets_of(settings))
+    if settings.webhooks.allow_unauthenticated and not settings.webhooks.authenticated:
+        structlog.get_logger("syncd").warning(
+            "webhooks.unauthenticated",
+            detail="webhooks.allow_unauthenticated is set: callbacks are not authenticated",
+        )
+    asyncio.run(serve(settings))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser; ``--config`` and ``--debug`` work before or after the command."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--config",
+        metavar="PATH",
+        default=argparse.SUPPRESS,
+        help="config file (default: $SYNCD_CONFIG, else /etc/syncd/syncd.toml, "
+        "else config/syncd.toml)",
+    )
+    common.add_argument(
+        "--debug",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="debug logging, and tracebacks on errors",
+    )
+    parser = argparse.ArgumentParser(
+        prog="syncd", description="Keep an ERP in step with MasonHub.", parents=[common]
+    )
+    parser.add_argument("--version", action="version", version=f"syncd {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, func in (
+        ("run", cmd_run),
+        ("migrate", cmd_migrate),
+        ("check-config", cmd_check_config),
+    ):
+        sub = commands.add_parser(name, parents=[common], help=(func.__doc__ or "").strip())
+        sub.set_defaults(func=func)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``syncd`` console script."""
+    args = build_parser().parse_args(argv)
+    args.config = getattr(args, "config", None)
+    args.debug = getattr(args, "debug", False)
+    func: Command = args.func
+    try:
+        return func(args)
+    except SyncdError as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"syncd: error: {exc.message}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        if args.debug:
+            raise
+        print(
+            f"syncd: error: unexpected {type(exc).__name__}: {exc} "
+            "(run with --debug for the traceback)",
+            file=sys.stderr,
+        )
+        return 1
