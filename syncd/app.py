@@ -22,6 +22,7 @@ log = structlog.get_logger(__name__)
 STORE = web.AppKey("store", SqlStore)
 SETTINGS = web.AppKey("settings", Settings)
 RECEIVER = web.AppKey("receiver", WebhookReceiver)
+SCHEDULER = web.AppKey("scheduler", AsyncIOScheduler)
 
 #: How often processed inbox rows older than the dedupe retention are pruned.
 PRUNE_EVERY = timedelta(hours=1)
@@ -83,8 +84,11 @@ def create_app(settings: Settings, store: SqlStore | None = None) -> web.Applica
         yield
         await committer.stop()
 
+    # Jobs come from config at every start; their progress lives in our tables, so the
+    # scheduler keeps no job store of its own.
+    scheduler = app[SCHEDULER] = AsyncIOScheduler(timezone=UTC)
+
     async def scheduler_ctx(app: web.Application) -> AsyncIterator[None]:
-        scheduler = AsyncIOScheduler(timezone=UTC)
         scheduler.add_job(
             prune_inbox,
             "interval",
@@ -123,7 +127,14 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
         )
         await stop.wait()
         log.info("syncd.stopping")
-        app[RECEIVER].draining = True
+        # Stop accepting connections, then let requests already reading their bodies finish:
+        # aiohttp's own shutdown drops body bytes that arrive after it starts.
+        await site.stop()
+        try:
+            async with asyncio.timeout(SHUTDOWN_TIMEOUT):
+                await app[RECEIVER].drain()
+        except TimeoutError:
+            log.warning("syncd.drain_timeout", seconds=SHUTDOWN_TIMEOUT)
     finally:
         await runner.cleanup()
         for signum in (signal.SIGTERM, signal.SIGINT):

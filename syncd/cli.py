@@ -19,6 +19,7 @@ from syncd.config import (
     load_settings,
     render_settings,
     startup_problems,
+    startup_warnings,
 )
 from syncd.errors import ConfigError, SyncdError
 from syncd.logs import configure_logging
@@ -85,11 +86,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if problems:
         raise ConfigError("webhooks", "; ".join(problems))
     configure_logging(debug=args.debug, secrets=secrets_of(settings))
-    if settings.webhooks.allow_unauthenticated and not settings.webhooks.authenticated:
-        structlog.get_logger("syncd").warning(
-            "webhooks.unauthenticated",
-            detail="webhooks.allow_unauthenticated is set: callbacks are not authenticated",
-        )
+    for warning in startup_warnings(settings):
+        structlog.get_logger("syncd").warning("config.warning", detail=warning)
     asyncio.run(serve(settings))
     return 0
 

@@ -8,6 +8,7 @@ goes out only after the transaction holding the message has committed.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import ipaddress
@@ -142,6 +143,9 @@ class WebhookReceiver:
         self._max_body = settings.server.max_body_bytes
         #: Set when the daemon stops: new callbacks get 503 so MasonHub sends them again.
         self.draining = False
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     async def handle(self, request: web.Request) -> web.Response:
         """Answer one callback request (see DESIGN.md for every status)."""
@@ -149,9 +153,21 @@ class WebhookReceiver:
         remote = client_address(
             request.remote, request.headers.get("X-Forwarded-For"), self._proxies
         )
-        answer = await self._answer(request, remote)
+        self._in_flight += 1
+        self._idle.clear()
+        try:
+            answer = await self._answer(request, remote)
+        finally:
+            self._in_flight -= 1
+            if not self._in_flight:
+                self._idle.set()
         _log_answer(answer, request, remote, time.perf_counter() - started)
         return answer.response()
+
+    async def drain(self) -> None:
+        """Answer new callbacks 503 and wait for those in progress to be answered."""
+        self.draining = True
+        await self._idle.wait()
 
     async def _answer(self, request: web.Request, remote: IPAddress | None) -> Answer:
         if self.draining:

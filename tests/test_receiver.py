@@ -508,3 +508,12 @@ async def test_logs_one_line_per_request_without_secrets(
     assert SECRET not in text
     assert signature.removeprefix("sha256=") not in text
     assert "1Z999" not in text
+
+
+async def test_prune_job_scheduled(client: Client) -> None:
+    """The running daemon schedules the inbox prune with one instance at a time."""
+    from syncd.app import SCHEDULER
+
+    job = client.app[SCHEDULER].get_job("prune_inbox")
+    assert job is not None
+    assert (job.max_instances, job.coalesce) == (1, True)

@@ -240,3 +240,15 @@ async def test_postgres_outage_is_unavailable_then_recovers(pg_migrated_url: str
         from tests.conftest import _truncate
 
         await _truncate(pg_migrated_url)
+
+
+async def test_prune_job_uses_dedupe_retention(store: SqlStore) -> None:
+    """The periodic prune forgets processed messages older than webhooks.dedupe_retention."""
+    from syncd.app import prune_inbox
+
+    await store.add_messages([message("old", at=datetime.now(UTC) - timedelta(days=3))])
+    await store.add_messages([message("young", at=datetime.now(UTC) - timedelta(hours=1))])
+    for stored in await store.list_messages():
+        await store.set_message_state(stored.id, InboxState.DONE)
+    await prune_inbox(store, retention=timedelta(days=1).total_seconds())
+    assert [m.dedupe_key for m in await store.list_messages()] == ["young"]
