@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
+LINT_PATHS := syncd tests alembic $(wildcard bench)
 
 .PHONY: test run lint typecheck services bench-ingest clean
 
@@ -16,8 +17,8 @@ services:
 	bash scripts/ensure-postgres.sh
 
 lint: $(STAMP)
-	$(BIN)/ruff check syncd tests bench alembic
-	$(BIN)/ruff format --check syncd tests bench alembic
+	$(BIN)/ruff check $(LINT_PATHS)
+	$(BIN)/ruff format --check $(LINT_PATHS)
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
