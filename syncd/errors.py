@@ -33,3 +33,35 @@ class StoreUnavailable(SyncdError):
 
 class SchemaMismatch(SyncdError):
     """The database schema does not match this version of syncd."""
+
+
+class DeliveryError(SyncdError):
+    """The ERP did not accept a delivery."""
+
+    #: The longest response-body excerpt an error carries (and so may put in a dead letter).
+    BODY_EXCERPT_CHARS = 500
+
+    def __init__(self, message: str, *, status: int | None = None, body: str = "") -> None:
+        self.status = status
+        self.body = body[: self.BODY_EXCERPT_CHARS]
+        super().__init__(message)
+
+
+class TransientDeliveryError(DeliveryError):
+    """The ERP failed in a way worth retrying."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        body: str = "",
+        retry_after: float | None = None,
+    ) -> None:
+        # A Retry-After in the past (clock skew) means "now", never a negative delay.
+        self.retry_after = None if retry_after is None else max(0.0, retry_after)
+        super().__init__(message, status=status, body=body)
+
+
+class PermanentDeliveryError(DeliveryError):
+    """The ERP refused a delivery; retrying will not help."""
