@@ -12,8 +12,11 @@ from aiohttp import web
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from syncd.config import Settings
-from syncd.errors import StoreUnavailable
+from syncd.delivery import Deliverer
+from syncd.erp import ErpAdapter, load_adapter
+from syncd.errors import StoreUnavailable, SyncdError
 from syncd.inbox import GroupCommitter
+from syncd.merge import Merger
 from syncd.receiver import WebhookReceiver, add_routes
 from syncd.store import SqlStore
 
@@ -58,19 +61,53 @@ async def prune_inbox(store: SqlStore, retention: float) -> None:
     log.info("inbox.pruned", messages=messages, quarantined=quarantined, before=cutoff.isoformat())
 
 
-def create_app(settings: Settings, store: SqlStore | None = None) -> web.Application:
+class Supervisor:
+    """Watches the daemon's background loops: one that dies unexpectedly stops the process.
+
+    A loop that crashed would otherwise leave a process that answers 200 and never delivers.
+    """
+
+    def __init__(self) -> None:
+        self.failed = asyncio.Event()
+        self.reason: str | None = None
+
+    def watch(self, task: asyncio.Task[None] | None) -> None:
+        """Treat ``task`` ending with an exception as fatal."""
+        if task is not None:
+            task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled() or task.exception() is None:
+            return
+        exc = task.exception()
+        self.reason = f"{task.get_name()} failed: {exc!r}"
+        log.critical("syncd.task_failed", task=task.get_name(), error=repr(exc), exc_info=exc)
+        self.failed.set()
+
+
+SUPERVISOR = web.AppKey("supervisor", Supervisor)
+MERGER = web.AppKey("merger", Merger)
+DELIVERER = web.AppKey("deliverer", Deliverer)
+
+
+def create_app(
+    settings: Settings, store: SqlStore | None = None, adapter: ErpAdapter | None = None
+) -> web.Application:
     """The public application: webhook endpoint and health checks, with its services."""
     app = web.Application(client_max_size=settings.server.max_body_bytes)
     app[SETTINGS] = settings
-    app[STORE] = store or SqlStore(settings.store.url)
-    committer = GroupCommitter(app[STORE])
-    app[RECEIVER] = WebhookReceiver(settings, app[STORE], committer)
+    app[STORE] = store = store or SqlStore(settings.store.url)
+    app[SUPERVISOR] = supervisor = Supervisor()
+    erp = adapter or load_adapter(settings.erp)
+    app[DELIVERER] = deliverer = Deliverer(store, erp, settings.erp)
+    app[MERGER] = merger = Merger(store, on_queued=deliverer.notify)
+    committer = GroupCommitter(store, on_commit=merger.notify)
+    app[RECEIVER] = WebhookReceiver(settings, store, committer)
     add_routes(app, settings, app[RECEIVER])
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
 
-    async def store_ctx(app: web.Application) -> AsyncIterator[None]:
-        store = app[STORE]
+    async def store_ctx(_app: web.Application) -> AsyncIterator[None]:
         try:
             if settings.store.auto_migrate:
                 await store.migrate()
@@ -81,19 +118,33 @@ def create_app(settings: Settings, store: SqlStore | None = None) -> web.Applica
 
     async def committer_ctx(_app: web.Application) -> AsyncIterator[None]:
         await committer.start()
+        supervisor.watch(committer.task)
         yield
         await committer.stop()
+
+    async def pipeline_ctx(_app: web.Application) -> AsyncIterator[None]:
+        # Stopped in reverse: the merge finishes its batch before deliveries are drained.
+        await deliverer.start()
+        supervisor.watch(deliverer.task)
+        await merger.start()
+        supervisor.watch(merger.task)
+        try:
+            yield
+        finally:
+            await merger.stop()
+            await deliverer.stop()
+            await erp.close()
 
     # Jobs come from config at every start; their progress lives in our tables, so the
     # scheduler keeps no job store of its own.
     scheduler = app[SCHEDULER] = AsyncIOScheduler(timezone=UTC)
 
-    async def scheduler_ctx(app: web.Application) -> AsyncIterator[None]:
+    async def scheduler_ctx(_app: web.Application) -> AsyncIterator[None]:
         scheduler.add_job(
             prune_inbox,
             "interval",
             seconds=PRUNE_EVERY.total_seconds(),
-            args=[app[STORE], settings.webhooks.dedupe_retention],
+            args=[store, settings.webhooks.dedupe_retention],
             id="prune_inbox",
             max_instances=1,
             coalesce=True,
@@ -103,7 +154,7 @@ def create_app(settings: Settings, store: SqlStore | None = None) -> web.Applica
         yield
         scheduler.shutdown(wait=False)
 
-    app.cleanup_ctx.extend([store_ctx, committer_ctx, scheduler_ctx])
+    app.cleanup_ctx.extend([store_ctx, committer_ctx, pipeline_ctx, scheduler_ctx])
     return app
 
 
@@ -125,7 +176,11 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
             webhook_path=settings.webhooks.path,
             store=app[STORE].dialect,
         )
-        await stop.wait()
+        stopped = asyncio.create_task(stop.wait())
+        failed = asyncio.create_task(app[SUPERVISOR].failed.wait())
+        await asyncio.wait({stopped, failed}, return_when=asyncio.FIRST_COMPLETED)
+        for waiter in (stopped, failed):
+            waiter.cancel()
         log.info("syncd.stopping")
         # Stop accepting connections, then let requests already reading their bodies finish:
         # aiohttp's own shutdown drops body bytes that arrive after it starts.
@@ -139,4 +194,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
         await runner.cleanup()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
+    reason = app[SUPERVISOR].reason
+    if reason is not None:
+        raise SyncdError(reason)
     log.info("syncd.stopped")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import structlog
@@ -32,28 +32,35 @@ class _Pending:
 class GroupCommitter:
     """Batches inbox inserts from concurrent requests into shared transactions."""
 
-    def __init__(self, store: Store, *, max_batch: int = 1000) -> None:
+    def __init__(
+        self,
+        store: Store,
+        *,
+        max_batch: int = 1000,
+        on_commit: Callable[[], None] | None = None,
+    ) -> None:
         self._store = store
+        self._on_commit = on_commit
         self._max_batch = max_batch
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
-        self._task: asyncio.Task[None] | None = None
+        self.task: asyncio.Task[None] | None = None
         self.commits = 0
         self.committed_messages = 0
 
     async def start(self) -> None:
         """Start the writer task."""
-        if self._task is None:
-            self._task = asyncio.create_task(self._run(), name="syncd.inbox.group-commit")
+        if self.task is None:
+            self.task = asyncio.create_task(self._run(), name="syncd.inbox.group-commit")
 
     async def stop(self) -> None:
         """Finish what is queued, then stop the writer task."""
-        if self._task is None:
+        if self.task is None:
             return
         await self._queue.join()
-        self._task.cancel()
+        self.task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
-            await self._task
-        self._task = None
+            await self.task
+        self.task = None
 
     async def submit(self, messages: Sequence[NewMessage]) -> list[bool]:
         """Store messages durably; True for each one not seen before.
@@ -61,7 +68,7 @@ class GroupCommitter:
         Returns only after the transaction holding them has committed. Raises
         StoreUnavailable if it did not.
         """
-        if self._task is None:
+        if self.task is None:
             raise StoreUnavailable("the inbox writer is not running")
         pending = _Pending(messages)
         self._queue.put_nowait(pending)
@@ -101,6 +108,8 @@ class GroupCommitter:
             return
         self.commits += 1
         self.committed_messages += len(messages)
+        if self._on_commit is not None and any(is_new):
+            self._on_commit()
         offset = 0
         for item in batch:
             _settle(item.future, result=is_new[offset : offset + len(item.messages)])

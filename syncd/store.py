@@ -8,11 +8,12 @@ so the receiver can answer 503 and MasonHub retries instead of believing we stor
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -23,6 +24,8 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from syncd.errors import SchemaMismatch, StoreUnavailable
+from syncd.facts import Fact, NormalisationError, Version, message_facts
+from syncd.merge import Current, Decision, Outcome, decide
 
 T = TypeVar("T")
 
@@ -95,6 +98,88 @@ quarantine = sa.Table(
 )
 
 
+entities = sa.Table(
+    "entities",
+    metadata,
+    sa.Column("id", BigId, primary_key=True, autoincrement=True),
+    sa.Column("entity_type", sa.String(32), nullable=False),
+    sa.Column("entity_key", sa.String(255), nullable=False),
+    sa.Column("state", sa.JSON(), nullable=False),
+    sa.Column("content_hash", sa.String(64), nullable=False),
+    sa.Column("version_rank", sa.Integer(), nullable=True),
+    sa.Column("version_ts", UTCDateTime(), nullable=True),
+    sa.Column("source", sa.String(16), nullable=False),
+    sa.Column("updated_at", UTCDateTime(), nullable=False),
+    # Bumped on every applied change: with the replay count it makes the Idempotency-Key, so
+    # the key is stable across retries of one version yet new when state goes A -> B -> A.
+    sa.Column("revision", sa.Integer(), nullable=False),
+    sa.Column("replays", sa.Integer(), nullable=False),
+    sa.Column("delivered_hash", sa.String(64), nullable=True),
+    sa.Column("delivered_revision", sa.Integer(), nullable=True),
+    sa.Column("delivered_at", UTCDateTime(), nullable=True),
+    sa.UniqueConstraint("entity_type", "entity_key"),
+)
+
+facts = sa.Table(
+    "facts",
+    metadata,
+    sa.Column("id", BigId, primary_key=True, autoincrement=True),
+    sa.Column(
+        "inbox_id", sa.BigInteger(), sa.ForeignKey("inbox.id", ondelete="CASCADE"), nullable=True
+    ),
+    sa.Column("entity_id", sa.BigInteger(), sa.ForeignKey("entities.id"), nullable=False),
+    sa.Column("source", sa.String(16), nullable=False),
+    sa.Column("outcome", sa.String(16), nullable=False),
+    sa.Column("reason", sa.Text(), nullable=True),
+    sa.Column("content_hash", sa.String(64), nullable=False),
+    sa.Column("version_rank", sa.Integer(), nullable=True),
+    sa.Column("version_ts", UTCDateTime(), nullable=True),
+    sa.Column("created_at", UTCDateTime(), nullable=False),
+    sa.Index("ix_facts_inbox_id", "inbox_id"),
+    sa.Index("ix_facts_entity_id", "entity_id"),
+)
+
+outbox = sa.Table(
+    "outbox",
+    metadata,
+    sa.Column("id", BigId, primary_key=True, autoincrement=True),
+    sa.Column(
+        "entity_id", sa.BigInteger(), sa.ForeignKey("entities.id"), nullable=False, unique=True
+    ),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("attempts", sa.Integer(), nullable=False),
+    sa.Column("next_attempt_at", UTCDateTime(), nullable=False),
+    sa.Column("lease_owner", sa.String(64), nullable=True),
+    sa.Column("lease_until", UTCDateTime(), nullable=True),
+    sa.Column("replay", sa.Integer(), nullable=False),
+    sa.Column("last_status", sa.Integer(), nullable=True),
+    sa.Column("last_error", sa.Text(), nullable=True),
+    sa.Column("created_at", UTCDateTime(), nullable=False),
+    sa.Column("updated_at", UTCDateTime(), nullable=False),
+    sa.Index("ix_outbox_state_next_attempt_at", "state", "next_attempt_at"),
+)
+
+delivery_attempts = sa.Table(
+    "delivery_attempts",
+    metadata,
+    sa.Column("id", BigId, primary_key=True, autoincrement=True),
+    sa.Column("entity_id", sa.BigInteger(), sa.ForeignKey("entities.id"), nullable=False),
+    sa.Column("started_at", UTCDateTime(), nullable=False),
+    sa.Column("finished_at", UTCDateTime(), nullable=False),
+    sa.Column("outcome", sa.String(16), nullable=False),
+    sa.Column("status_code", sa.Integer(), nullable=True),
+    sa.Column("error", sa.Text(), nullable=True),
+    sa.Column("idempotency_key", sa.String(400), nullable=False),
+    sa.Column("revision", sa.Integer(), nullable=False),
+    sa.Column("content_hash", sa.String(64), nullable=False),
+    sa.Column("source", sa.String(16), nullable=False),
+    sa.Column("replay", sa.Boolean(), nullable=False),
+    sa.Column("worker", sa.String(64), nullable=False),
+    sa.Index("ix_delivery_attempts_entity_id", "entity_id"),
+    sa.Index("ix_delivery_attempts_finished_at", "finished_at"),
+)
+
+
 class InboxState(enum.StrEnum):
     """Processing state of an inbox message."""
 
@@ -139,7 +224,7 @@ class InboxMessage:
     processed_at: datetime | None
 
     @classmethod
-    def from_row(cls, row: sa.Row[Any]) -> InboxMessage:
+    def from_row(cls, row: Any) -> InboxMessage:
         m = row._mapping
         return cls(
             id=m["id"],
@@ -170,7 +255,7 @@ class QuarantinedBody:
     id: int | None = None
 
     @classmethod
-    def from_row(cls, row: sa.Row[Any]) -> QuarantinedBody:
+    def from_row(cls, row: Any) -> QuarantinedBody:
         m = row._mapping
         return cls(
             id=m["id"],
@@ -217,11 +302,186 @@ class SchemaStatus:
         return None
 
 
+class OutboxState(enum.StrEnum):
+    """State of an entity's pending delivery."""
+
+    PENDING = "pending"
+    DEAD = "dead"
+
+
+@dataclass(frozen=True)
+class ProcessResult:
+    """What one pass over the inbox did."""
+
+    messages: int = 0
+    facts: int = 0
+    failed: int = 0
+    queued: int = 0
+    decisions: tuple[Decision, ...] = ()
+
+
+@dataclass(frozen=True)
+class ClaimedDelivery:
+    """An outbox row leased to one worker, with the entity state to send."""
+
+    outbox_id: int
+    entity_id: int
+    entity_type: str
+    entity_key: str
+    state: dict[str, Any]
+    content_hash: str
+    revision: int
+    source: str
+    attempts: int
+    replay: int
+
+    @property
+    def idempotency_key(self) -> str:
+        """Stable for every attempt at this version; new for each replay."""
+        key = f"{self.entity_type}:{self.entity_key}:r{self.revision}"
+        return f"{key}:replay{self.replay}" if self.replay else key
+
+
+@dataclass(frozen=True)
+class EntityRecord:
+    """An entity's latest known and last delivered state, with its outbox row if any."""
+
+    id: int
+    entity_type: str
+    entity_key: str
+    state: dict[str, Any]
+    content_hash: str
+    version: Version
+    source: str
+    revision: int
+    replays: int
+    updated_at: datetime
+    delivered_hash: str | None
+    delivered_revision: int | None
+    delivered_at: datetime | None
+    outbox_id: int | None
+    outbox_state: OutboxState | None
+    attempts: int
+    next_attempt_at: datetime | None
+    lease_until: datetime | None
+    last_status: int | None
+    last_error: str | None
+
+    @classmethod
+    def from_row(cls, row: Any) -> EntityRecord:
+        m = row._mapping
+        return cls(
+            id=m["id"],
+            entity_type=m["entity_type"],
+            entity_key=m["entity_key"],
+            state=dict(m["state"]),
+            content_hash=m["content_hash"],
+            version=Version(m["version_rank"], m["version_ts"]),
+            source=m["source"],
+            revision=m["revision"],
+            replays=m["replays"],
+            updated_at=m["updated_at"],
+            delivered_hash=m["delivered_hash"],
+            delivered_revision=m["delivered_revision"],
+            delivered_at=m["delivered_at"],
+            outbox_id=m["outbox_id"],
+            outbox_state=None if m["outbox_state"] is None else OutboxState(m["outbox_state"]),
+            attempts=m["attempts"] or 0,
+            next_attempt_at=m["next_attempt_at"],
+            lease_until=m["lease_until"],
+            last_status=m["last_status"],
+            last_error=m["last_error"],
+        )
+
+    def current(self) -> Current:
+        """What the merge compares a new fact with."""
+        return Current(self.state, self.content_hash, self.version, self.delivered_hash)
+
+
+@dataclass(frozen=True)
+class FactRecord:
+    """A recorded fact and what it did."""
+
+    id: int
+    inbox_id: int | None
+    entity_type: str
+    entity_key: str
+    source: str
+    outcome: str
+    reason: str | None
+    content_hash: str
+    created_at: datetime
+
+    @classmethod
+    def from_row(cls, row: Any) -> FactRecord:
+        m = row._mapping
+        return cls(
+            id=m["id"],
+            inbox_id=m["inbox_id"],
+            entity_type=m["entity_type"],
+            entity_key=m["entity_key"],
+            source=m["source"],
+            outcome=m["outcome"],
+            reason=m["reason"],
+            content_hash=m["content_hash"],
+            created_at=m["created_at"],
+        )
+
+
+@dataclass(frozen=True)
+class AttemptRecord:
+    """One call to the ERP and how it ended."""
+
+    id: int
+    entity_id: int
+    started_at: datetime
+    finished_at: datetime
+    outcome: str
+    status_code: int | None
+    error: str | None
+    idempotency_key: str
+    revision: int
+    source: str
+    replay: bool
+
+    @classmethod
+    def from_row(cls, row: Any) -> AttemptRecord:
+        m = row._mapping
+        return cls(
+            id=m["id"],
+            entity_id=m["entity_id"],
+            started_at=m["started_at"],
+            finished_at=m["finished_at"],
+            outcome=m["outcome"],
+            status_code=m["status_code"],
+            error=m["error"],
+            idempotency_key=m["idempotency_key"],
+            revision=m["revision"],
+            source=m["source"],
+            replay=bool(m["replay"]),
+        )
+
+
+@dataclass(frozen=True)
+class EventSummary:
+    """An inbox message as `syncd events list` shows it."""
+
+    id: int
+    received_at: datetime
+    message_type: str
+    message_id: str | None
+    source: str
+    state: str
+    error: str | None
+    facts: int
+
+
 class Store(Protocol):
     """The event store port; :class:`SqlStore` is the implementation."""
 
     async def add_messages(self, messages: Sequence[NewMessage]) -> list[bool]: ...
     async def add_quarantine(self, item: QuarantinedBody) -> int: ...
+
     async def ping(self) -> None: ...
     async def schema_status(self) -> SchemaStatus: ...
     async def close(self) -> None: ...
@@ -326,14 +586,18 @@ class SqlStore:
         self.url = url
         self.engine = create_engine(url)
         self.dialect = self.engine.dialect.name
+        self._write_lock = asyncio.Lock() if self.dialect == "sqlite" else None
 
     @asynccontextmanager
     async def _begin(self) -> AsyncIterator[AsyncConnection]:
-        try:
-            async with self.engine.begin() as conn:
-                yield conn
-        except _UNAVAILABLE as exc:
-            raise StoreUnavailable(f"event store unavailable: {_describe(exc)}") from exc
+        # SQLite has one writer at a time. Queueing our own writers here, in the event loop,
+        # is fairer and faster than letting them spin in SQLite's busy handler.
+        async with self._write_lock or contextlib.nullcontext():
+            try:
+                async with self.engine.begin() as conn:
+                    yield conn
+            except _UNAVAILABLE as exc:
+                raise StoreUnavailable(f"event store unavailable: {_describe(exc)}") from exc
 
     @asynccontextmanager
     async def _read(self) -> AsyncIterator[AsyncConnection]:
@@ -460,6 +724,534 @@ class SqlStore:
             )
         return done.rowcount, quarantined.rowcount
 
+    # --- merge -------------------------------------------------------------------------
+
+    async def process_inbox(self, limit: int = 200) -> ProcessResult:
+        """Merge up to ``limit`` pending inbox messages, in arrival order, in one transaction.
+
+        The messages' state change commits with the entity and outbox changes, so a crash
+        loses nothing and repeats nothing. A message that cannot be normalised is marked
+        failed with the reason. On PostgreSQL, SKIP LOCKED lets several instances drain at once.
+        """
+        async with self._begin() as conn:
+            stmt = (
+                sa.select(inbox.c.id, inbox.c.message_type, inbox.c.body, inbox.c.source)
+                .where(inbox.c.state == InboxState.PENDING.value)
+                .order_by(inbox.c.id)
+                .limit(limit)
+                .with_for_update(skip_locked=True)
+            )
+            rows = (await conn.execute(stmt)).all()
+            if not rows:
+                return ProcessResult()
+            items: list[tuple[int | None, Fact]] = []
+            failed: dict[int, str] = {}
+            for row in rows:
+                try:
+                    items.extend(
+                        (row.id, f)
+                        for f in message_facts(row.message_type, bytes(row.body), row.source)
+                    )
+                except NormalisationError as exc:
+                    failed[row.id] = exc.message
+            decisions, queued = await self._apply(conn, items, record=True)
+            now = datetime.now(UTC)
+            done = [row.id for row in rows if row.id not in failed]
+            if done:
+                await conn.execute(
+                    inbox.update()
+                    .where(inbox.c.id.in_(done))
+                    .values(state=InboxState.DONE.value, processed_at=now)
+                )
+            for message_id, error in failed.items():
+                await conn.execute(
+                    inbox.update()
+                    .where(inbox.c.id == message_id)
+                    .values(state=InboxState.FAILED.value, error=error, processed_at=now)
+                )
+        return ProcessResult(len(rows), len(items), len(failed), queued, tuple(decisions))
+
+    async def apply_facts(self, items: Sequence[Fact], *, record: bool = True) -> ProcessResult:
+        """Merge facts that come with no inbox message (polls), in one transaction."""
+        async with self._begin() as conn:
+            decisions, queued = await self._apply(conn, [(None, f) for f in items], record=record)
+        return ProcessResult(0, len(items), 0, queued, tuple(decisions))
+
+    async def _load_entities(
+        self, conn: AsyncConnection, keys: set[tuple[str, str]]
+    ) -> dict[tuple[str, str], EntityRecord]:
+        found: dict[tuple[str, str], EntityRecord] = {}
+        ordered = sorted(keys)
+        for start in range(0, len(ordered), INSERT_CHUNK):
+            chunk = ordered[start : start + INSERT_CHUNK]
+            stmt = (
+                _ENTITY_SELECT.where(
+                    sa.tuple_(entities.c.entity_type, entities.c.entity_key).in_(chunk)
+                )
+                .order_by(entities.c.id)
+                .with_for_update(of=entities)
+            )
+            for row in (await conn.execute(stmt)).all():
+                record = EntityRecord.from_row(row)
+                found[(record.entity_type, record.entity_key)] = record
+        return found
+
+    async def _apply(
+        self, conn: AsyncConnection, items: Sequence[tuple[int | None, Fact]], *, record: bool
+    ) -> tuple[list[Decision], int]:
+        known = await self._load_entities(conn, {(f.entity_type, f.entity_key) for _, f in items})
+        now = datetime.now(UTC)
+        decisions: list[Decision] = []
+        fact_rows: list[dict[str, Any]] = []
+        queued = 0
+        for inbox_id, fact in items:
+            key = (fact.entity_type, fact.entity_key)
+            entity = known.get(key)
+            decision = decide(None if entity is None else entity.current(), fact)
+            decisions.append(decision)
+            if decision.outcome is not Outcome.STALE:
+                entity = await self._save_entity(conn, entity, fact, decision, now)
+                known[key] = entity
+            if decision.outcome is Outcome.APPLIED and entity is not None:
+                entity, added = await self._queue(conn, entity, now)
+                known[key] = entity
+                queued += added
+            assert entity is not None
+            if record:
+                fact_rows.append(_fact_row(inbox_id, entity.id, fact, decision, now))
+        if fact_rows:
+            await conn.execute(facts.insert(), fact_rows)
+        return decisions, queued
+
+    async def _save_entity(
+        self,
+        conn: AsyncConnection,
+        entity: EntityRecord | None,
+        fact: Fact,
+        decision: Decision,
+        now: datetime,
+    ) -> EntityRecord:
+        values: dict[str, Any] = {
+            "state": dict(decision.state),
+            "content_hash": decision.content_hash,
+            "version_rank": decision.version.rank,
+            "version_ts": decision.version.timestamp,
+            "updated_at": now,
+        }
+        if decision.outcome is Outcome.APPLIED:
+            values["source"] = fact.source
+            values["revision"] = (entity.revision if entity else 0) + 1
+        if entity is None:
+            values.update(
+                entity_type=fact.entity_type,
+                entity_key=fact.entity_key,
+                replays=0,
+            )
+            result = await conn.execute(entities.insert().values(**values).returning(*entities.c))
+            return EntityRecord.from_row(_with_no_outbox(result.one()))
+        await conn.execute(entities.update().where(entities.c.id == entity.id).values(**values))
+        return replace(
+            entity,
+            state=values["state"],
+            content_hash=decision.content_hash,
+            version=decision.version,
+            source=values.get("source", entity.source),
+            revision=values.get("revision", entity.revision),
+            updated_at=now,
+        )
+
+    async def _queue(
+        self, conn: AsyncConnection, entity: EntityRecord, now: datetime
+    ) -> tuple[EntityRecord, int]:
+        """Make sure the entity's latest state is on its way to the ERP; 1 if newly queued."""
+        needs = entity.content_hash != entity.delivered_hash
+        if entity.outbox_id is None:
+            if not needs:
+                return entity, 0
+            result = await conn.execute(
+                outbox.insert()
+                .values(
+                    entity_id=entity.id,
+                    state=OutboxState.PENDING.value,
+                    attempts=0,
+                    next_attempt_at=now,
+                    replay=0,
+                    created_at=now,
+                    updated_at=now,
+                )
+                .returning(outbox.c.id)
+            )
+            outbox_id = int(result.scalar_one())
+            return replace(
+                entity, outbox_id=outbox_id, outbox_state=OutboxState.PENDING, attempts=0
+            ), 1
+        if entity.outbox_state is OutboxState.DEAD:
+            # A newer state gets a fresh set of attempts: it may be what the ERP wanted.
+            await conn.execute(
+                outbox.update()
+                .where(outbox.c.id == entity.outbox_id)
+                .values(
+                    state=OutboxState.PENDING.value,
+                    attempts=0,
+                    next_attempt_at=now,
+                    lease_owner=None,
+                    lease_until=None,
+                    replay=0,
+                    updated_at=now,
+                )
+            )
+            return replace(entity, outbox_state=OutboxState.PENDING, attempts=0), 1
+        # Already pending: the worker sends whatever the entity holds when it claims the row,
+        # so changes while it waits coalesce into one call.
+        return entity, 0
+
+    async def get_entity(self, entity_type: str, entity_key: str) -> EntityRecord | None:
+        """An entity with its outbox row."""
+        async with self._read() as conn:
+            stmt = _ENTITY_SELECT.where(
+                entities.c.entity_type == entity_type, entities.c.entity_key == entity_key
+            )
+            row = (await conn.execute(stmt)).first()
+        return None if row is None else EntityRecord.from_row(row)
+
+    async def list_entities(
+        self, *, entity_type: str | None = None, outbox_state: OutboxState | None = None
+    ) -> list[EntityRecord]:
+        """Entities, filtered by type and by the state of their outbox row."""
+        stmt = _ENTITY_SELECT.order_by(entities.c.id)
+        if entity_type is not None:
+            stmt = stmt.where(entities.c.entity_type == entity_type)
+        if outbox_state is not None:
+            stmt = stmt.where(outbox.c.state == outbox_state.value)
+        async with self._read() as conn:
+            rows = (await conn.execute(stmt)).all()
+        return [EntityRecord.from_row(row) for row in rows]
+
+    # --- delivery ----------------------------------------------------------------------
+
+    async def claim_deliveries(
+        self, owner: str, limit: int, lease_seconds: float
+    ) -> list[ClaimedDelivery]:
+        """Lease up to ``limit`` due outbox rows to ``owner``, oldest due first.
+
+        One row per entity and a lease per row: an entity never has two deliveries in
+        flight. A lease left by a crashed worker expires and the row becomes due again.
+        """
+        now = datetime.now(UTC)
+        async with self._begin() as conn:
+            due = (
+                sa.select(outbox.c.id)
+                .where(
+                    outbox.c.state == OutboxState.PENDING.value,
+                    outbox.c.next_attempt_at <= now,
+                    sa.or_(outbox.c.lease_until.is_(None), outbox.c.lease_until < now),
+                )
+                .order_by(outbox.c.next_attempt_at, outbox.c.id)
+                .limit(limit)
+                .with_for_update(skip_locked=True)
+            )
+            ids = list((await conn.execute(due)).scalars())
+            if not ids:
+                return []
+            await conn.execute(
+                outbox.update()
+                .where(outbox.c.id.in_(ids))
+                .values(lease_owner=owner, lease_until=now + timedelta(seconds=lease_seconds))
+            )
+            stmt = (
+                sa.select(
+                    outbox.c.id.label("outbox_id"),
+                    outbox.c.attempts,
+                    outbox.c.replay,
+                    entities.c.id.label("entity_id"),
+                    entities.c.entity_type,
+                    entities.c.entity_key,
+                    entities.c.state,
+                    entities.c.content_hash,
+                    entities.c.revision,
+                    entities.c.source,
+                )
+                .join(entities, entities.c.id == outbox.c.entity_id)
+                .where(outbox.c.id.in_(ids))
+                .order_by(outbox.c.next_attempt_at, outbox.c.id)
+            )
+            rows = (await conn.execute(stmt)).all()
+        return [
+            ClaimedDelivery(
+                outbox_id=r.outbox_id,
+                entity_id=r.entity_id,
+                entity_type=r.entity_type,
+                entity_key=r.entity_key,
+                state=dict(r.state),
+                content_hash=r.content_hash,
+                revision=r.revision,
+                source=r.source,
+                attempts=r.attempts,
+                replay=r.replay,
+            )
+            for r in rows
+        ]
+
+    async def complete_delivery(
+        self, claim: ClaimedDelivery, owner: str, *, started_at: datetime, status: int
+    ) -> None:
+        """Record a delivered version; the row is done unless the entity changed meanwhile."""
+        now = datetime.now(UTC)
+        async with self._begin() as conn:
+            await conn.execute(
+                delivery_attempts.insert().values(
+                    **_attempt_row(claim, owner, started_at, now, "delivered", status, None)
+                )
+            )
+            await conn.execute(
+                entities.update()
+                .where(entities.c.id == claim.entity_id)
+                .values(
+                    delivered_hash=claim.content_hash,
+                    delivered_revision=claim.revision,
+                    delivered_at=now,
+                )
+            )
+            row = (
+                await conn.execute(
+                    sa.select(outbox.c.lease_owner, outbox.c.replay, entities.c.revision)
+                    .join(entities, entities.c.id == outbox.c.entity_id)
+                    .where(outbox.c.id == claim.outbox_id)
+                )
+            ).first()
+            if row is None or row.lease_owner != owner:
+                return  # our lease expired and another worker owns the row now
+            if row.revision == claim.revision and row.replay == claim.replay:
+                await conn.execute(outbox.delete().where(outbox.c.id == claim.outbox_id))
+                return
+            await conn.execute(
+                outbox.update()
+                .where(outbox.c.id == claim.outbox_id)
+                .values(
+                    attempts=0,
+                    next_attempt_at=now,
+                    lease_owner=None,
+                    lease_until=None,
+                    last_status=None,
+                    last_error=None,
+                    updated_at=now,
+                )
+            )
+
+    async def fail_delivery(
+        self,
+        claim: ClaimedDelivery,
+        owner: str,
+        *,
+        started_at: datetime,
+        status: int | None,
+        error: str,
+        retry_at: datetime | None,
+        permanent: bool,
+    ) -> None:
+        """Record a failed attempt; retry at ``retry_at``, or dead-letter when it is None."""
+        now = datetime.now(UTC)
+        outcome = "permanent" if permanent else "transient"
+        async with self._begin() as conn:
+            await conn.execute(
+                delivery_attempts.insert().values(
+                    **_attempt_row(claim, owner, started_at, now, outcome, status, error)
+                )
+            )
+            values: dict[str, Any] = {
+                "attempts": outbox.c.attempts + 1,
+                "lease_owner": None,
+                "lease_until": None,
+                "last_status": status,
+                "last_error": error,
+                "updated_at": now,
+            }
+            if retry_at is None:
+                values["state"] = OutboxState.DEAD.value
+            else:
+                values["next_attempt_at"] = retry_at
+            await conn.execute(
+                outbox.update()
+                .where(outbox.c.id == claim.outbox_id, outbox.c.lease_owner == owner)
+                .values(**values)
+            )
+
+    async def release_leases(self, owner: str) -> int:
+        """Give back every lease ``owner`` holds, so another worker can take the rows now."""
+        async with self._begin() as conn:
+            result = await conn.execute(
+                outbox.update()
+                .where(outbox.c.lease_owner == owner)
+                .values(lease_owner=None, lease_until=None)
+            )
+        return result.rowcount
+
+    async def next_due_at(self) -> datetime | None:
+        """When the next pending delivery becomes claimable, if any is pending."""
+        async with self._read() as conn:
+            free = sa.select(sa.func.min(outbox.c.next_attempt_at)).where(
+                outbox.c.state == OutboxState.PENDING.value, outbox.c.lease_until.is_(None)
+            )
+            leased = sa.select(sa.func.min(outbox.c.lease_until)).where(
+                outbox.c.state == OutboxState.PENDING.value, outbox.c.lease_until.is_not(None)
+            )
+            times = [(await conn.execute(q)).scalar_one() for q in (free, leased)]
+        present = [t for t in times if t is not None]
+        return min(present) if present else None
+
+    async def outbox_counts(self) -> dict[str, int]:
+        """Outbox rows by state."""
+        async with self._read() as conn:
+            stmt = sa.select(outbox.c.state, sa.func.count()).group_by(outbox.c.state)
+            return {state: int(n) for state, n in (await conn.execute(stmt)).all()}
+
+    async def requeue(self, entity_ids: Sequence[int]) -> int:
+        """Queue these entities' current state again, as a replay; returns how many."""
+        now = datetime.now(UTC)
+        count = 0
+        async with self._begin() as conn:
+            for entity_id in sorted(set(entity_ids)):
+                count += await self._requeue_one(conn, entity_id, now)
+        return count
+
+    async def _requeue_one(self, conn: AsyncConnection, entity_id: int, now: datetime) -> int:
+        row = (
+            await conn.execute(
+                sa.select(entities.c.replays, outbox.c.id, outbox.c.state)
+                .select_from(entities.outerjoin(outbox, outbox.c.entity_id == entities.c.id))
+                .where(entities.c.id == entity_id)
+                .with_for_update(of=entities)
+            )
+        ).first()
+        if row is None or row.state == OutboxState.PENDING.value:
+            return 0  # unknown, or already on its way
+        replays = row.replays + 1
+        await conn.execute(
+            entities.update().where(entities.c.id == entity_id).values(replays=replays)
+        )
+        values = {
+            "state": OutboxState.PENDING.value,
+            "attempts": 0,
+            "next_attempt_at": now,
+            "lease_owner": None,
+            "lease_until": None,
+            "replay": replays,
+            "updated_at": now,
+        }
+        if row.id is None:
+            await conn.execute(
+                outbox.insert().values(entity_id=entity_id, created_at=now, **values)
+            )
+        else:
+            await conn.execute(outbox.update().where(outbox.c.id == row.id).values(**values))
+        return 1
+
+    # --- events (what `syncd events` shows) ---------------------------------------------
+
+    async def list_events(
+        self,
+        *,
+        state: str | None = None,
+        message_type: str | None = None,
+        since: datetime | None = None,
+        limit: int = 100,
+    ) -> list[EventSummary]:
+        """Inbox messages with their state; "dead" means one of their entities is dead-lettered."""
+        dead = (
+            sa.select(facts.c.id)
+            .join(outbox, outbox.c.entity_id == facts.c.entity_id)
+            .where(facts.c.inbox_id == inbox.c.id, outbox.c.state == OutboxState.DEAD.value)
+            .exists()
+        )
+        fact_count = (
+            sa.select(sa.func.count()).where(facts.c.inbox_id == inbox.c.id).scalar_subquery()
+        )
+        stmt = (
+            sa.select(
+                inbox.c.id,
+                inbox.c.received_at,
+                inbox.c.message_type,
+                inbox.c.message_id,
+                inbox.c.source,
+                inbox.c.state,
+                inbox.c.error,
+                dead.label("dead"),
+                fact_count.label("facts"),
+            )
+            .order_by(inbox.c.id.desc())
+            .limit(limit)
+        )
+        if state == "dead":
+            stmt = stmt.where(dead)
+        elif state is not None:
+            stmt = stmt.where(inbox.c.state == state)
+        if message_type is not None:
+            stmt = stmt.where(inbox.c.message_type == message_type)
+        if since is not None:
+            stmt = stmt.where(inbox.c.received_at >= since)
+        async with self._read() as conn:
+            rows = (await conn.execute(stmt)).all()
+        return [
+            EventSummary(
+                id=r.id,
+                received_at=r.received_at,
+                message_type=r.message_type,
+                message_id=r.message_id,
+                source=r.source,
+                state="dead" if r.dead else r.state,
+                error=r.error,
+                facts=int(r.facts),
+            )
+            for r in rows
+        ]
+
+    async def facts_of(self, inbox_id: int) -> list[FactRecord]:
+        """The facts a message stated, in order."""
+        stmt = (
+            sa.select(
+                facts.c.id,
+                facts.c.inbox_id,
+                entities.c.entity_type,
+                entities.c.entity_key,
+                facts.c.source,
+                facts.c.outcome,
+                facts.c.reason,
+                facts.c.content_hash,
+                facts.c.created_at,
+            )
+            .join(entities, entities.c.id == facts.c.entity_id)
+            .where(facts.c.inbox_id == inbox_id)
+            .order_by(facts.c.id)
+        )
+        async with self._read() as conn:
+            rows = (await conn.execute(stmt)).all()
+        return [FactRecord.from_row(row) for row in rows]
+
+    async def attempts_of(self, entity_id: int) -> list[AttemptRecord]:
+        """Every ERP call made for an entity, oldest first."""
+        stmt = (
+            delivery_attempts.select()
+            .where(delivery_attempts.c.entity_id == entity_id)
+            .order_by(delivery_attempts.c.id)
+        )
+        async with self._read() as conn:
+            rows = (await conn.execute(stmt)).all()
+        return [AttemptRecord.from_row(row) for row in rows]
+
+    async def entity_ids_of_event(self, inbox_id: int) -> list[int]:
+        """The entities a message's facts were about."""
+        stmt = sa.select(facts.c.entity_id).where(facts.c.inbox_id == inbox_id).distinct()
+        async with self._read() as conn:
+            return [int(i) for i in (await conn.execute(stmt)).scalars()]
+
+    async def dead_entity_ids(self, since: datetime | None = None) -> list[int]:
+        """Entities whose delivery is dead-lettered (since a time, by last update)."""
+        stmt = sa.select(outbox.c.entity_id).where(outbox.c.state == OutboxState.DEAD.value)
+        if since is not None:
+            stmt = stmt.where(outbox.c.updated_at >= since)
+        async with self._read() as conn:
+            return [int(i) for i in (await conn.execute(stmt)).scalars()]
+
     async def ping(self) -> None:
         """Raise StoreUnavailable unless the database answers."""
         async with self._read() as conn:
@@ -539,3 +1331,72 @@ def _describe(exc: BaseException) -> str:
     original = getattr(exc, "orig", None) or exc
     text = str(original).strip().splitlines()[0] if str(original).strip() else ""
     return f"{type(original).__name__}: {text}" if text else type(original).__name__
+
+
+_ENTITY_SELECT = sa.select(
+    *entities.c,
+    outbox.c.id.label("outbox_id"),
+    outbox.c.state.label("outbox_state"),
+    outbox.c.attempts,
+    outbox.c.next_attempt_at,
+    outbox.c.lease_until,
+    outbox.c.last_status,
+    outbox.c.last_error,
+).select_from(entities.outerjoin(outbox, outbox.c.entity_id == entities.c.id))
+
+
+def _with_no_outbox(row: sa.Row[Any]) -> Any:
+    class _Row:
+        _mapping = {
+            **row._mapping,
+            "outbox_id": None,
+            "outbox_state": None,
+            "attempts": 0,
+            "next_attempt_at": None,
+            "lease_until": None,
+            "last_status": None,
+            "last_error": None,
+        }
+
+    return _Row()
+
+
+def _fact_row(
+    inbox_id: int | None, entity_id: int, fact: Fact, decision: Decision, now: datetime
+) -> dict[str, Any]:
+    return {
+        "inbox_id": inbox_id,
+        "entity_id": entity_id,
+        "source": fact.source,
+        "outcome": decision.outcome.value,
+        "reason": decision.reason,
+        "content_hash": decision.content_hash,
+        "version_rank": fact.version.rank,
+        "version_ts": fact.version.timestamp,
+        "created_at": now,
+    }
+
+
+def _attempt_row(
+    claim: ClaimedDelivery,
+    owner: str,
+    started_at: datetime,
+    finished_at: datetime,
+    outcome: str,
+    status: int | None,
+    error: str | None,
+) -> dict[str, Any]:
+    return {
+        "entity_id": claim.entity_id,
+        "started_at": started_at,
+        "finished_at": finished_at,
+        "outcome": outcome,
+        "status_code": status,
+        "error": error,
+        "idempotency_key": claim.idempotency_key,
+        "revision": claim.revision,
+        "content_hash": claim.content_hash,
+        "source": claim.source,
+        "replay": bool(claim.replay),
+        "worker": owner,
+    }

@@ -9,6 +9,8 @@ import hmac
 import json
 from typing import Any
 
+from syncd.erp import Delivery, DeliveryResult
+
 
 def sign(body: bytes, secret: str, *, prefix: bool = True) -> str:
     """The ``X-MasonHub-Signature`` value MasonHub sends for ``body``."""
@@ -90,3 +92,20 @@ class TcpProxy:
         finally:
             with contextlib.suppress(Exception):
                 writer.transport.abort()
+
+
+class RecordingErp:
+    """An in-memory ERP adapter that accepts every delivery and remembers it, in order."""
+
+    def __init__(self) -> None:
+        self.deliveries: list[Delivery] = []
+        self.closed = False
+
+    async def deliver(self, delivery: Delivery) -> DeliveryResult:
+        """Accept the delivery at once."""
+        self.deliveries.append(delivery)
+        return DeliveryResult(status=200, elapsed=0.0)
+
+    async def close(self) -> None:
+        """Nothing to release."""
+        self.closed = True

@@ -87,7 +87,10 @@ def pg_migrated_url(pg_databases: PgDatabases) -> str:
 async def _truncate(url: str) -> None:
     conn = await asyncpg.connect(_asyncpg_dsn(url), timeout=10)
     try:
-        await conn.execute("TRUNCATE inbox, quarantine RESTART IDENTITY")
+        await conn.execute(
+            "TRUNCATE inbox, quarantine, entities, facts, outbox, delivery_attempts"
+            " RESTART IDENTITY CASCADE"
+        )
     finally:
         await conn.close()
 

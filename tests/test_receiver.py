@@ -20,7 +20,7 @@ from sqlalchemy.engine import make_url
 from syncd.app import RECEIVER, create_app
 from syncd.logs import configure_logging
 from syncd.store import SqlStore
-from syncd.testing import TcpProxy, dumps, envelope, sign
+from syncd.testing import RecordingErp, TcpProxy, dumps, envelope, sign
 from tests.conftest import SECRET, make_settings
 
 ClientFactory = Callable[..., Awaitable[TestClient[web.Request, web.Application]]]
@@ -42,11 +42,15 @@ ORDER_FULFILLED = envelope(
 
 
 @pytest.fixture
-def make_client(aiohttp_client: ClientFactory, store_url: str) -> Callable[..., Awaitable[Client]]:
-    """Start syncd's app on a real local server with the given setting overrides."""
+def make_client(store_url: str, aiohttp_client: ClientFactory) -> Callable[..., Awaitable[Client]]:
+    """Start syncd's app on a real local server with the given setting overrides.
+
+    The store is set up first so that it is emptied only after the servers have stopped.
+    """
 
     async def make(**sections: Any) -> Client:
-        return await aiohttp_client(create_app(make_settings(store_url, **sections)))
+        app = create_app(make_settings(store_url, **sections), adapter=RecordingErp())
+        return await aiohttp_client(app)
 
     return make
 
@@ -423,7 +427,9 @@ async def test_sqlite_locked_store_503(aiohttp_client: ClientFactory, tmp_path: 
     """While the SQLite file cannot be written, callbacks get 503, never 200; then 200 again."""
     path = tmp_path / "s.db"
     url = f"sqlite+aiosqlite:///{path}?timeout=0.2"
-    client = await aiohttp_client(create_app(make_settings(url, store={"auto_migrate": True})))
+    client = await aiohttp_client(
+        create_app(make_settings(url, store={"auto_migrate": True}), adapter=RecordingErp())
+    )
     holder = sqlite3.connect(path, isolation_level=None)
     holder.execute("BEGIN EXCLUSIVE")
     try:
@@ -444,7 +450,7 @@ async def test_postgres_down_503(aiohttp_client: ClientFactory, pg_migrated_url:
     await proxy.start()
     proxied = url.set(port=proxy.port).render_as_string(hide_password=False)
     try:
-        client = await aiohttp_client(create_app(make_settings(proxied)))
+        client = await aiohttp_client(create_app(make_settings(proxied), adapter=RecordingErp()))
         await proxy.cut()
         assert (await post(client, dumps(ORDER_FULFILLED)))[0] == 503
         assert (await client.get("/readyz")).status == 503

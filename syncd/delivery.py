@@ -1,0 +1,239 @@
+"""Delivery: workers lease outbox rows, call the ERP adapter, and record what happened.
+
+A dispatcher keeps up to ``erp.concurrency`` deliveries in flight. It claims due rows as
+soon as it is told there is work (no polling sleep on the hot path), and otherwise sleeps
+until the earliest scheduled retry. Transient failures are retried with exponential backoff
+and jitter (``Retry-After`` wins when the ERP sends one), the next attempt time stored so a
+restart keeps the schedule; permanent ones, and the last allowed attempt, are dead-lettered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import socket
+import uuid
+from collections.abc import Awaitable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+import structlog
+
+from syncd.config import ErpSettings
+from syncd.erp import Delivery, ErpAdapter
+from syncd.errors import DeliveryError, PermanentDeliveryError, StoreUnavailable
+from syncd.merge import stop_task
+from syncd.store import ClaimedDelivery, SqlStore
+
+log = structlog.get_logger(__name__)
+
+#: How long the dispatcher sleeps at most when idle: work queued by other instances, or
+#: left by a process that died, is found within this time.
+IDLE_POLL = 1.0
+#: A lease outlives the longest call (ERP timeout, plus in-call connection retries) with room
+#: to record the outcome; after it, a row held by a dead worker is delivered again.
+LEASE_MARGIN = 5.0
+
+
+def backoff_delay(attempt: int, initial: float, maximum: float, rng: random.Random) -> float:
+    """Seconds before retry number ``attempt`` (1-based): doubling, with up to 50% jitter.
+
+    The jitter spreads retries of many rows that failed together (an ERP outage) so they
+    do not all come back at once; the result stays within [initial, maximum].
+    """
+    base = min(maximum, initial * 2.0 ** max(0, attempt - 1))
+    return float(min(maximum, base + rng.uniform(0, base / 2)))
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What to do with a failed delivery."""
+
+    retry_at: datetime | None  # None: dead-letter
+    permanent: bool
+
+
+class Deliverer:
+    """Runs ``erp.concurrency`` concurrent deliveries from the outbox to the ERP."""
+
+    def __init__(
+        self,
+        store: SqlStore,
+        adapter: ErpAdapter,
+        settings: ErpSettings,
+        *,
+        owner: str | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._store = store
+        self._adapter = adapter
+        self._settings = settings
+        self.owner = owner or f"{socket.gethostname()}:{uuid.uuid4().hex[:8]}"
+        self._rng = rng or random.Random()  # noqa: S311 (jitter, not security)
+        self._lease = 2 * settings.timeout + LEASE_MARGIN
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._in_flight: set[asyncio.Task[None]] = set()
+        self.task: asyncio.Task[None] | None = None
+        #: Monotonic time of the dispatcher's last loop: the watchdog's sign of life.
+        self.last_tick = 0.0
+
+    def notify(self) -> None:
+        """New work was queued: claim it now."""
+        self._wake.set()
+
+    async def start(self) -> None:
+        """Start the dispatcher."""
+        self.task = asyncio.create_task(self._run(), name="syncd.delivery")
+
+    async def stop(self, grace: float = 10.0) -> None:
+        """Stop claiming; let calls in flight finish for ``grace`` s, then release the rest."""
+        if self.task is not None:
+            self._stopping = True
+            self._wake.set()
+            await stop_task(self.task, grace)
+            self.task = None
+        if self._in_flight:
+            _done, pending = await asyncio.wait(self._in_flight, timeout=grace)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        with contextlib.suppress(StoreUnavailable):
+            released = await self._store.release_leases(self.owner)
+            if released:
+                log.info("delivery.leases_released", rows=released)
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while not self._stopping:
+            self.last_tick = loop.time()
+            self._wake.clear()
+            free = self._settings.concurrency - len(self._in_flight)
+            claimed: list[ClaimedDelivery] = []
+            if free > 0:
+                try:
+                    claimed = await self._store.claim_deliveries(self.owner, free, self._lease)
+                except StoreUnavailable as exc:
+                    log.warning("delivery.store_unavailable", error=exc.message)
+            for claim in claimed:
+                task = asyncio.create_task(
+                    self._deliver(claim), name=f"syncd.deliver.{claim.outbox_id}"
+                )
+                self._in_flight.add(task)
+                task.add_done_callback(self._finished)
+            if claimed and len(claimed) == free:
+                continue
+            await self._sleep(await self._idle_time(bool(claimed)))
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._in_flight.discard(task)
+        self._wake.set()  # a slot is free, and the entity may have changed meanwhile
+
+    async def _idle_time(self, claimed_some: bool) -> float:
+        if claimed_some:
+            return IDLE_POLL
+        try:
+            due = await self._store.next_due_at()
+        except StoreUnavailable:
+            return IDLE_POLL
+        if due is None:
+            return IDLE_POLL
+        return max(0.0, min(IDLE_POLL, (due - datetime.now(UTC)).total_seconds()))
+
+    async def _sleep(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await self._wake.wait()
+
+    async def _deliver(self, claim: ClaimedDelivery) -> None:
+        delivery = Delivery(
+            entity_type=claim.entity_type,
+            entity_key=claim.entity_key,
+            payload=claim.state,
+            idempotency_key=claim.idempotency_key,
+            source=claim.source,
+            replay=bool(claim.replay),
+        )
+        started = datetime.now(UTC)
+        try:
+            result = await self._adapter.deliver(delivery)
+        except DeliveryError as exc:
+            await self._record_failure(claim, started, exc)
+            return
+        log.info(
+            "delivery.delivered",
+            entity_type=claim.entity_type,
+            entity_key=claim.entity_key,
+            idempotency_key=claim.idempotency_key,
+            status=result.status,
+            attempt=claim.attempts + 1,
+            latency_ms=round(result.elapsed * 1000, 3),
+            source=claim.source,
+        )
+        await self._record(
+            self._store.complete_delivery(
+                claim, self.owner, started_at=started, status=result.status
+            ),
+            claim,
+        )
+
+    def verdict(self, claim: ClaimedDelivery, exc: DeliveryError) -> Verdict:
+        """Retry time for a failure, or dead-letter (retry_at None)."""
+        if isinstance(exc, PermanentDeliveryError):
+            return Verdict(None, True)
+        attempt = claim.attempts + 1
+        if attempt >= self._settings.max_attempts:
+            return Verdict(None, False)
+        retry_after = getattr(exc, "retry_after", None)
+        delay = (
+            retry_after
+            if retry_after is not None
+            else backoff_delay(
+                attempt, self._settings.backoff_initial, self._settings.backoff_max, self._rng
+            )
+        )
+        return Verdict(datetime.now(UTC) + timedelta(seconds=delay), False)
+
+    async def _record_failure(
+        self, claim: ClaimedDelivery, started: datetime, exc: DeliveryError
+    ) -> None:
+        verdict = self.verdict(claim, exc)
+        error = exc.message if not exc.body else f"{exc.message}: {exc.body}"
+        fields = {
+            "entity_type": claim.entity_type,
+            "entity_key": claim.entity_key,
+            "idempotency_key": claim.idempotency_key,
+            "status": exc.status,
+            "attempt": claim.attempts + 1,
+            "error": exc.message,
+        }
+        if verdict.retry_at is None:
+            log.error("delivery.dead_lettered", permanent=verdict.permanent, **fields)
+        else:
+            log.warning("delivery.retry_scheduled", retry_at=verdict.retry_at.isoformat(), **fields)
+        await self._record(
+            self._store.fail_delivery(
+                claim,
+                self.owner,
+                started_at=started,
+                status=exc.status,
+                error=error,
+                retry_at=verdict.retry_at,
+                permanent=verdict.permanent,
+            ),
+            claim,
+        )
+
+    async def _record(self, write: Awaitable[None], claim: ClaimedDelivery) -> None:
+        # If the store is down the outcome is not recorded; the lease expires and the row is
+        # delivered again with the same Idempotency-Key: an extra call, never a lost one.
+        try:
+            await write
+        except StoreUnavailable as exc:
+            log.warning(
+                "delivery.record_failed",
+                entity_type=claim.entity_type,
+                entity_key=claim.entity_key,
+                error=exc.message,
+            )

@@ -1,0 +1,174 @@
+"""Merge: decide what a fact does to an entity, and drain the inbox into the outbox.
+
+Per entity the store keeps the latest known state (with its version and content hash) and
+the hash last delivered to the ERP. A fact older than the latest known version, or whose
+merged state is identical to it, is recorded and dropped; anything else becomes the
+entity's pending delivery. So a webhook and a poll describing one state make one ERP call,
+and a late webhook never rolls the ERP back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+
+from syncd.errors import StoreUnavailable
+from syncd.facts import ORDER, Fact, Version, content_hash
+
+log = structlog.get_logger(__name__)
+
+
+class Outcome(enum.StrEnum):
+    """What a fact did."""
+
+    APPLIED = "applied"
+    UNCHANGED = "unchanged"
+    STALE = "stale"
+
+
+@dataclass(frozen=True)
+class Current:
+    """What the store knows of an entity when a fact arrives."""
+
+    state: Mapping[str, Any]
+    content_hash: str
+    version: Version
+    delivered_hash: str | None
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The effect of one fact on its entity."""
+
+    outcome: Outcome
+    version: Version
+    state: Mapping[str, Any]
+    content_hash: str
+    reason: str | None = None
+
+    def needs_delivery(self, delivered_hash: str | None) -> bool:
+        """True when the ERP does not have this state yet."""
+        return self.outcome is Outcome.APPLIED and self.content_hash != delivered_hash
+
+
+def _shipment_key(shipment: Mapping[str, Any]) -> str:
+    return str(shipment.get("shipment_id") or shipment.get("tracking_number") or sorted(shipment))
+
+
+def _merge_shipments(old: Any, new: Any) -> list[Any]:
+    # A tracking number once seen is never taken from the ERP: shipments are merged by id,
+    # the newer record of each winning, so an event that lists fewer shipments loses none.
+    merged: dict[str, Any] = {}
+    for shipment in [*(old or []), *(new or [])]:
+        if isinstance(shipment, Mapping):
+            key = _shipment_key(shipment)
+            merged[key] = {**merged.get(key, {}), **shipment}
+    return list(merged.values())
+
+
+def merge_state(
+    entity_type: str, previous: Mapping[str, Any], new: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The entity's state after ``new``: its fields win, fields it lacks are kept."""
+    merged = {**previous, **new}
+    if entity_type == ORDER and ("shipments" in previous or "shipments" in new):
+        merged["shipments"] = _merge_shipments(previous.get("shipments"), new.get("shipments"))
+    return merged
+
+
+def decide(current: Current | None, fact: Fact) -> Decision:
+    """What ``fact`` does to an entity whose latest known state is ``current``."""
+    if current is None:
+        state = dict(fact.state)
+        return Decision(Outcome.APPLIED, fact.version, state, content_hash(state))
+    reason = fact.version.older_than(current.version)
+    if reason is not None:
+        return Decision(Outcome.STALE, current.version, current.state, current.content_hash, reason)
+    state = merge_state(fact.entity_type, current.state, fact.state)
+    version = Version(
+        fact.version.rank if fact.version.rank is not None else current.version.rank,
+        fact.version.timestamp or current.version.timestamp,
+    )
+    digest = content_hash(state)
+    if digest == current.content_hash:
+        return Decision(Outcome.UNCHANGED, version, state, digest, "identical to current state")
+    return Decision(Outcome.APPLIED, version, state, digest)
+
+
+async def stop_task(task: asyncio.Task[None], grace: float) -> None:
+    """Wait for a loop that was asked to stop; cancel it if it takes longer than ``grace``.
+
+    Cancelling a task inside a database call can leave the driver's thread holding a lock,
+    so loops are asked to finish their iteration first and cancelled only as a last resort.
+    """
+    done, _ = await asyncio.wait({task}, timeout=grace)
+    if not done:
+        task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+class Merger:
+    """Drains pending inbox messages into entity state and the outbox, as they arrive."""
+
+    def __init__(
+        self,
+        store: Any,
+        *,
+        on_queued: Any = None,
+        batch: int = 200,
+        idle_poll: float = 1.0,
+    ) -> None:
+        self._store = store
+        self._on_queued = on_queued
+        self._batch = batch
+        self._idle_poll = idle_poll
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self.task: asyncio.Task[None] | None = None
+
+    def notify(self) -> None:
+        """New messages were committed: merge them now."""
+        self._wake.set()
+
+    async def start(self) -> None:
+        """Start draining in the background."""
+        self.task = asyncio.create_task(self._run(), name="syncd.merge")
+
+    async def stop(self, grace: float = 10.0) -> None:
+        """Stop after the batch in progress has committed (cancelled only after ``grace`` s)."""
+        if self.task is None:
+            return
+        self._stopping = True
+        self._wake.set()
+        await stop_task(self.task, grace)
+        self.task = None
+
+    async def drain_once(self) -> int:
+        """Merge pending messages until none are left; returns how many were processed."""
+        total = 0
+        while True:
+            result = await self._store.process_inbox(limit=self._batch)
+            total += int(result.messages)
+            if result.queued and self._on_queued is not None:
+                self._on_queued()
+            if result.messages < self._batch:
+                return total
+
+    async def _run(self) -> None:
+        while not self._stopping:
+            self._wake.clear()
+            try:
+                await self.drain_once()
+            except StoreUnavailable as exc:
+                log.warning("merge.store_unavailable", error=exc.message)
+            # Other instances' receivers, and restarts, leave work no event announces here.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._idle_poll):
+                    await self._wake.wait()
