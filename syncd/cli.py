@@ -6,8 +6,10 @@ import argparse
 import asyncio
 import sys
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import structlog
 from sqlalchemy.engine import make_url
@@ -17,15 +19,23 @@ from syncd.config import (
     Settings,
     default_config_path,
     load_settings,
+    parse_duration,
     render_settings,
     startup_problems,
     startup_warnings,
 )
 from syncd.errors import ConfigError, SyncdError
+from syncd.facts import parse_time
 from syncd.logs import configure_logging
 from syncd.store import SqlStore
 
 Command = Callable[[argparse.Namespace], int]
+
+
+class UsageError(SyncdError):
+    """The command line is wrong."""
+
+    exit_code = 2
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -92,6 +102,70 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _since(text: str | None) -> datetime | None:
+    """``--since``: a duration back from now ("2h") or an RFC 3339 time."""
+    if text is None:
+        return None
+    try:
+        return datetime.now(UTC) - timedelta(seconds=parse_duration(text))
+    except ValueError:
+        pass
+    moment = parse_time(text)
+    if moment is None:
+        raise UsageError(f"--since: expected a duration like 2h or an RFC 3339 time, got {text!r}")
+    return moment
+
+
+def _with_store(args: argparse.Namespace, work: Callable[[SqlStore], Awaitable[int]]) -> int:
+    settings = _settings(args)
+
+    async def run() -> int:
+        store = SqlStore(settings.store.url)
+        try:
+            await store.require_current_schema()
+            return await work(store)
+        finally:
+            await store.close()
+
+    return asyncio.run(run())
+
+
+def cmd_events(args: argparse.Namespace) -> int:
+    """List, show and replay received messages and their deliveries."""
+    from syncd import events
+
+    if args.events_command == "list":
+        since = _since(args.since)
+        return _with_store(
+            args, lambda store: events.list_events(store, args.state, args.type, since, args.limit)
+        )
+    if args.events_command == "show":
+        return _with_store(args, lambda store: events.show_event(store, args.id))
+    if args.id is None and not args.dead:
+        raise UsageError("events replay: give an event ID or --dead")
+    since = _since(args.since)
+    return _with_store(args, lambda store: events.replay(store, args.id, args.dead, since))
+
+
+def _add_events_parser(commands: Any, common: argparse.ArgumentParser) -> None:
+    parser = commands.add_parser("events", parents=[common], help=cmd_events.__doc__)
+    parser.set_defaults(func=cmd_events)
+    sub = parser.add_subparsers(dest="events_command", metavar="ACTION", required=True)
+    listing = sub.add_parser("list", parents=[common], help="received messages, newest first")
+    listing.add_argument("--state", choices=["pending", "failed", "dead", "done"])
+    listing.add_argument("--type", metavar="MESSAGE_TYPE")
+    listing.add_argument("--since", metavar="WHEN", help="a duration back (2h) or a time")
+    listing.add_argument("--limit", type=int, default=100)
+    show = sub.add_parser("show", parents=[common], help="a message, its facts and deliveries")
+    show.add_argument("id", type=int, metavar="ID")
+    replay = sub.add_parser(
+        "replay", parents=[common], help="deliver an event's entities (or all dead) again"
+    )
+    replay.add_argument("id", type=int, nargs="?", metavar="ID")
+    replay.add_argument("--dead", action="store_true", help="every dead-lettered entity")
+    replay.add_argument("--since", metavar="WHEN", help="with --dead: dead-lettered since")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser; ``--config`` and ``--debug`` work before or after the command."""
     common = argparse.ArgumentParser(add_help=False)
@@ -120,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         sub = commands.add_parser(name, parents=[common], help=(func.__doc__ or "").strip())
         sub.set_defaults(func=func)
+    _add_events_parser(commands, common)
     return parser
 
 
@@ -131,6 +206,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     func: Command = args.func
     try:
         return func(args)
+    except UsageError as exc:
+        print(f"syncd: error: {exc.message}", file=sys.stderr)
+        return 2
     except SyncdError as exc:
         if args.debug:
             traceback.print_exc()

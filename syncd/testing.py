@@ -7,7 +7,11 @@ import contextlib
 import hashlib
 import hmac
 import json
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
+
+from aiohttp import web
 
 from syncd.erp import Delivery, DeliveryResult
 
@@ -109,3 +113,68 @@ class RecordingErp:
     async def close(self) -> None:
         """Nothing to release."""
         self.closed = True
+
+
+@dataclass(frozen=True)
+class ErpCall:
+    """One request the local ERP received."""
+
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: Any
+    at: float
+
+
+Responder = Callable[[ErpCall], Awaitable[web.StreamResponse | None]]
+
+
+class LocalErp:
+    """A local ERP (an aiohttp app) that records every call and keeps what it was told.
+
+    ``respond`` may be set to script failures, delays or refusals: it gets each call and
+    returns a response, or None for the default 200 that stores the body.
+    """
+
+    def __init__(self) -> None:
+        self.calls: list[ErpCall] = []
+        self.records: dict[str, Any] = {}
+        self.respond: Responder | None = None
+        self._in_flight: dict[str, int] = {}
+        #: The most calls for one path that were ever in progress at once.
+        self.max_concurrent_per_path = 0
+        self._changed = asyncio.Event()
+
+    def app(self) -> web.Application:
+        """The aiohttp application to serve."""
+        app = web.Application()
+        app.router.add_put("/api/{tail:.*}", self._handle)
+        return app
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        loop = asyncio.get_running_loop()
+        body = await request.json()
+        call = ErpCall(request.method, request.path, dict(request.headers), body, loop.time())
+        self.calls.append(call)
+        self._in_flight[call.path] = self._in_flight.get(call.path, 0) + 1
+        self.max_concurrent_per_path = max(self.max_concurrent_per_path, self._in_flight[call.path])
+        try:
+            response = await self.respond(call) if self.respond is not None else None
+            if response is None:
+                self.records[call.path] = body
+                response = web.json_response({"ok": True})
+            return response
+        finally:
+            self._in_flight[call.path] -= 1
+            self._changed.set()
+
+    def calls_to(self, path: str) -> list[ErpCall]:
+        """The calls made to one path, in order."""
+        return [c for c in self.calls if c.path == path]
+
+    async def wait_for(self, predicate: Callable[[], bool], within: float = 10.0) -> None:
+        """Wait until ``predicate()`` holds after some call, or fail after ``within`` s."""
+        async with asyncio.timeout(within):
+            while not predicate():
+                self._changed.clear()
+                await self._changed.wait()

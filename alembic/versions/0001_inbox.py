@@ -8,8 +8,8 @@ Create Date: 2026-12-03
 from collections.abc import Sequence
 
 import sqlalchemy as sa
-
 from alembic import op
+
 from syncd.store import UTCDateTime
 
 revision: str = "0001"

@@ -38,9 +38,7 @@ def upgrade() -> None:
         sa.Column("delivered_revision", sa.Integer(), nullable=True),
         sa.Column("delivered_at", UTCDateTime(), nullable=True),
         sa.PrimaryKeyConstraint("id", name="pk_entities"),
-        sa.UniqueConstraint(
-            "entity_type", "entity_key", name="uq_entities_entity_type_entity_key"
-        ),
+        sa.UniqueConstraint("entity_type", "entity_key", name="uq_entities_entity_type_entity_key"),
     )
     op.create_table(
         "facts",
@@ -58,9 +56,7 @@ def upgrade() -> None:
         sa.ForeignKeyConstraint(
             ["inbox_id"], ["inbox.id"], name="fk_facts_inbox_id_inbox", ondelete="CASCADE"
         ),
-        sa.ForeignKeyConstraint(
-            ["entity_id"], ["entities.id"], name="fk_facts_entity_id_entities"
-        ),
+        sa.ForeignKeyConstraint(["entity_id"], ["entities.id"], name="fk_facts_entity_id_entities"),
     )
     op.create_index("ix_facts_inbox_id", "facts", ["inbox_id"])
     op.create_index("ix_facts_entity_id", "facts", ["entity_id"])
