@@ -754,6 +754,10 @@ class SqlStore:
                     )
                 except NormalisationError as exc:
                     failed[row.id] = exc.message
+                except Exception as exc:
+                    # A record our normaliser did not foresee must not block the inbox
+                    # forever: it is failed, visible in `syncd events`, and can be replayed.
+                    failed[row.id] = f"cannot normalise: {type(exc).__name__}: {exc}"
             decisions, queued = await self._apply(conn, items, record=True)
             now = datetime.now(UTC)
             done = [row.id for row in rows if row.id not in failed]

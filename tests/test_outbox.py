@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 from datetime import UTC, datetime, timedelta
 
+import pytest
+
 from syncd.facts import Fact, Version, inventory_fact, order_fact
 from syncd.store import OutboxState, SqlStore
 
@@ -195,3 +197,31 @@ async def test_version_older_than() -> None:
     assert Version(40, None).older_than(Version(40, t2)) is None
     assert Version(None, None).older_than(Version(40, t2)) is None
     assert Version(50, t1).older_than(Version(40, t2)) is None
+
+
+async def test_unforeseen_record_fails_its_message_only(
+    store: SqlStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A normaliser that crashes marks only its message failed; the others merge."""
+    from syncd import facts
+    from syncd.store import NewMessage
+    from syncd.testing import dumps, envelope
+
+    def broken(item: object, source: str) -> Fact:
+        raise KeyError("surprise")
+
+    monkeypatch.setitem(facts.ITEM_NORMALISERS, "rmaEvent", broken)
+    now = datetime.now(UTC)
+    rma = dumps(envelope("rmaEvent", [{"customer_identifier": "R"}], "w"))
+    good = dumps(envelope("orderEvent", [{"customer_identifier": "G", "status": "packed"}], "g"))
+    await store.add_messages(
+        [
+            NewMessage("w", "rmaEvent", "w", "webhook", rma, now),
+            NewMessage("g", "orderEvent", "g", "webhook", good, now),
+        ]
+    )
+    result = await store.process_inbox()
+    assert (result.messages, result.failed, result.queued) == (2, 1, 1)
+    [failed] = await store.list_events(state="failed")
+    assert failed.message_id == "w"
+    assert "cannot normalise: KeyError" in (failed.error or "")
