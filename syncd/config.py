@@ -34,6 +34,7 @@ from pydantic import (
 from pydantic.fields import FieldInfo
 
 from syncd.errors import ConfigError
+from syncd.messages import MESSAGE_TYPES
 
 __all__ = [
     "MASK",
@@ -64,15 +65,6 @@ MASK: Final = "********"
 SYSTEM_CONFIG_PATH: Final = Path("/etc/syncd/syncd.toml")
 LOCAL_CONFIG_PATH: Final = Path("config/syncd.toml")
 
-MESSAGE_TYPES: Final = (
-    "orderEvent",
-    "skuInventoryChange",
-    "inboundShipmentEvent",
-    "rmaEvent",
-    "snapshotReady",
-    "orderUpdateResolution",
-    "orderCancelResolution",
-)
 POLL_JOBS: Final = ("orders", "shipments", "inventory", "inbound_shipments", "rmas")
 ERP_PATH_ENTITIES: Final = ("orders", "inventory", "inbound_shipments", "returns", "order_requests")
 STORE_URL_PREFIXES: Final = ("sqlite+aiosqlite://", "postgresql+asyncpg://")

@@ -10,9 +10,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -31,6 +31,15 @@ T = TypeVar("T")
 
 #: Rows inserted per INSERT statement; keeps bound parameters far below every driver's limit.
 INSERT_CHUNK = 500
+
+
+D = TypeVar("D")
+
+
+def _build(cls: type[D], mapping: Mapping[str, Any], **converted: Any) -> D:
+    """A dataclass from a row mapping: same-named columns, plus the converted values."""
+    names = [f.name for f in fields(cls) if f.name not in converted]  # type: ignore[arg-type]
+    return cls(**{name: mapping[name] for name in names}, **converted)
 
 
 class UTCDateTime(sa.types.TypeDecorator[datetime]):
@@ -226,19 +235,8 @@ class InboxMessage:
     @classmethod
     def from_row(cls, row: Any) -> InboxMessage:
         m = row._mapping
-        return cls(
-            id=m["id"],
-            dedupe_key=m["dedupe_key"],
-            message_type=m["message_type"],
-            message_id=m["message_id"],
-            source=m["source"],
-            body=bytes(m["body"]),
-            headers=dict(m["headers"]),
-            remote_addr=m["remote_addr"],
-            received_at=m["received_at"],
-            state=InboxState(m["state"]),
-            error=m["error"],
-            processed_at=m["processed_at"],
+        return _build(
+            cls, m, body=bytes(m["body"]), headers=dict(m["headers"]), state=InboxState(m["state"])
         )
 
 
@@ -257,15 +255,7 @@ class QuarantinedBody:
     @classmethod
     def from_row(cls, row: Any) -> QuarantinedBody:
         m = row._mapping
-        return cls(
-            id=m["id"],
-            reason=m["reason"],
-            body=bytes(m["body"]),
-            received_at=m["received_at"],
-            message_type=m["message_type"],
-            headers=dict(m["headers"]),
-            remote_addr=m["remote_addr"],
-        )
+        return _build(cls, m, body=bytes(m["body"]), headers=dict(m["headers"]))
 
 
 class SchemaState(enum.StrEnum):
@@ -370,27 +360,13 @@ class EntityRecord:
     @classmethod
     def from_row(cls, row: Any) -> EntityRecord:
         m = row._mapping
-        return cls(
-            id=m["id"],
-            entity_type=m["entity_type"],
-            entity_key=m["entity_key"],
+        return _build(
+            cls,
+            m,
             state=dict(m["state"]),
-            content_hash=m["content_hash"],
             version=Version(m["version_rank"], m["version_ts"]),
-            source=m["source"],
-            revision=m["revision"],
-            replays=m["replays"],
-            updated_at=m["updated_at"],
-            delivered_hash=m["delivered_hash"],
-            delivered_revision=m["delivered_revision"],
-            delivered_at=m["delivered_at"],
-            outbox_id=m["outbox_id"],
             outbox_state=None if m["outbox_state"] is None else OutboxState(m["outbox_state"]),
             attempts=m["attempts"] or 0,
-            next_attempt_at=m["next_attempt_at"],
-            lease_until=m["lease_until"],
-            last_status=m["last_status"],
-            last_error=m["last_error"],
         )
 
     def current(self) -> Current:
@@ -414,18 +390,7 @@ class FactRecord:
 
     @classmethod
     def from_row(cls, row: Any) -> FactRecord:
-        m = row._mapping
-        return cls(
-            id=m["id"],
-            inbox_id=m["inbox_id"],
-            entity_type=m["entity_type"],
-            entity_key=m["entity_key"],
-            source=m["source"],
-            outcome=m["outcome"],
-            reason=m["reason"],
-            content_hash=m["content_hash"],
-            created_at=m["created_at"],
-        )
+        return _build(cls, row._mapping)
 
 
 @dataclass(frozen=True)
@@ -447,19 +412,7 @@ class AttemptRecord:
     @classmethod
     def from_row(cls, row: Any) -> AttemptRecord:
         m = row._mapping
-        return cls(
-            id=m["id"],
-            entity_id=m["entity_id"],
-            started_at=m["started_at"],
-            finished_at=m["finished_at"],
-            outcome=m["outcome"],
-            status_code=m["status_code"],
-            error=m["error"],
-            idempotency_key=m["idempotency_key"],
-            revision=m["revision"],
-            source=m["source"],
-            replay=bool(m["replay"]),
-        )
+        return _build(cls, m, replay=bool(m["replay"]))
 
 
 @dataclass(frozen=True)
