@@ -16,7 +16,9 @@ from syncd.delivery import Deliverer
 from syncd.erp import ErpAdapter, load_adapter
 from syncd.errors import StoreUnavailable, SyncdError
 from syncd.inbox import GroupCommitter
+from syncd.masonhub import MasonHubClient
 from syncd.merge import Merger
+from syncd.poller import Poller, PollScheduler
 from syncd.receiver import WebhookReceiver, add_routes
 from syncd.store import SqlStore
 
@@ -88,6 +90,7 @@ class Supervisor:
 SUPERVISOR = web.AppKey("supervisor", Supervisor)
 MERGER = web.AppKey("merger", Merger)
 DELIVERER = web.AppKey("deliverer", Deliverer)
+POLLS = web.AppKey("polls", PollScheduler)
 
 
 def create_app(
@@ -138,6 +141,9 @@ def create_app(
     # Jobs come from config at every start; their progress lives in our tables, so the
     # scheduler keeps no job store of its own.
     scheduler = app[SCHEDULER] = AsyncIOScheduler(timezone=UTC)
+    masonhub = MasonHubClient(settings.masonhub)
+    poller = Poller(store, masonhub, settings, on_queued=deliverer.notify)
+    app[POLLS] = polls = PollScheduler(poller, store, settings, deliverer.owner)
 
     async def scheduler_ctx(_app: web.Application) -> AsyncIterator[None]:
         scheduler.add_job(
@@ -150,9 +156,15 @@ def create_app(
             coalesce=True,
             next_run_time=datetime.now(UTC) + timedelta(minutes=1),
         )
+        polls.add_jobs(scheduler)
         scheduler.start()
-        yield
-        scheduler.shutdown(wait=False)
+        try:
+            yield
+        finally:
+            # Jobs in progress are abandoned between pages: every page commits whole and a
+            # cursor moves only after a complete pass, so nothing is half-recorded.
+            scheduler.shutdown(wait=False)
+            await masonhub.close()
 
     app.cleanup_ctx.extend([store_ctx, committer_ctx, pipeline_ctx, scheduler_ctx])
     return app

@@ -147,6 +147,47 @@ def cmd_events(args: argparse.Namespace) -> int:
     return _with_store(args, lambda store: events.replay(store, args.id, args.dead, since))
 
 
+def cmd_reconcile(args: argparse.Namespace) -> int:
+    """Run one reconciliation pass now and print its report."""
+    from syncd.masonhub import MasonHubClient
+    from syncd.poller import JOBS, PassFailed, PassReport, Poller, polling_problem
+
+    settings = _settings(args)
+    problem = polling_problem(settings)
+    if problem is not None:
+        raise ConfigError("masonhub", problem)
+    jobs = JOBS if args.job == "all" else (args.job,)
+    tty = sys.stdout.isatty()
+
+    def progress(report: PassReport) -> None:
+        if tty:
+            sys.stdout.write(f"\r{report.job}: {report.records} records read, {report.new} changed")
+            sys.stdout.flush()
+
+    async def work(store: SqlStore) -> int:
+        client = MasonHubClient(settings.masonhub)
+        poller = Poller(store, client, settings)
+        failed = 0
+        try:
+            for job in jobs:
+                try:
+                    report = await poller.reconcile(job, progress)
+                except PassFailed as exc:
+                    failed += 1
+                    print(("\r" if tty else "") + f"syncd: error: {exc.message}", file=sys.stderr)
+                    continue
+                print(("\r" if tty else "") + report.line())
+                for key in report.redelivered:
+                    print(f"  re-delivering order {key}: its tracking numbers were not delivered")
+        finally:
+            await client.close()
+        pending = (await store.outbox_counts()).get("pending", 0)
+        print(f"{pending} deliveries pending; the running daemon sends them")
+        return 1 if failed else 0
+
+    return _with_store(args, work)
+
+
 def _add_events_parser(commands: Any, common: argparse.ArgumentParser) -> None:
     parser = commands.add_parser("events", parents=[common], help=cmd_events.__doc__)
     parser.set_defaults(func=cmd_events)
@@ -195,6 +236,13 @@ def build_parser() -> argparse.ArgumentParser:
         sub = commands.add_parser(name, parents=[common], help=(func.__doc__ or "").strip())
         sub.set_defaults(func=func)
     _add_events_parser(commands, common)
+    reconcile = commands.add_parser("reconcile", parents=[common], help=cmd_reconcile.__doc__)
+    reconcile.add_argument(
+        "--job",
+        choices=["orders", "shipments", "inventory", "inbound_shipments", "rmas", "all"],
+        default="all",
+    )
+    reconcile.set_defaults(func=cmd_reconcile)
     return parser
 
 

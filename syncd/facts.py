@@ -205,6 +205,14 @@ def order_fact(item: Mapping[str, Any], source: str, *, status: Any = None) -> F
     return Fact(ORDER, key, state, version, source)
 
 
+def shipment_fact(record: Mapping[str, Any], source: str) -> Fact:
+    """A GET /shipments record as a fact about its order's shipments (the status unknown)."""
+    key = _key(record, "customer_order_id", "customer_identifier")
+    state = {"customer_identifier": key, "shipments": [_shipment(record)]}
+    version = Version(None, parse_time(record.get("updated_at")))
+    return Fact(ORDER, key, state, version, source)
+
+
 # --- inventory ----------------------------------------------------------------------------
 
 

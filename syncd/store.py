@@ -189,6 +189,37 @@ delivery_attempts = sa.Table(
 )
 
 
+poll_cursors = sa.Table(
+    "poll_cursors",
+    metadata,
+    sa.Column("job", sa.String(32), primary_key=True),
+    sa.Column("cursor_at", UTCDateTime(), nullable=False),
+    sa.Column("updated_at", UTCDateTime(), nullable=False),
+)
+
+poll_runs = sa.Table(
+    "poll_runs",
+    metadata,
+    sa.Column("id", BigId, primary_key=True, autoincrement=True),
+    sa.Column("job", sa.String(32), nullable=False),
+    sa.Column("kind", sa.String(16), nullable=False),
+    sa.Column("started_at", UTCDateTime(), nullable=False),
+    sa.Column("finished_at", UTCDateTime(), nullable=False),
+    sa.Column("ok", sa.Boolean(), nullable=False),
+    sa.Column("report", sa.JSON(), nullable=False),
+    sa.Column("error", sa.Text(), nullable=True),
+    sa.Index("ix_poll_runs_job_id", "job", "id"),
+)
+
+leases = sa.Table(
+    "leases",
+    metadata,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("owner", sa.String(64), nullable=False),
+    sa.Column("expires_at", UTCDateTime(), nullable=False),
+)
+
+
 class InboxState(enum.StrEnum):
     """Processing state of an inbox message."""
 
@@ -728,10 +759,19 @@ class SqlStore:
                 )
         return ProcessResult(len(rows), len(items), len(failed), queued, tuple(decisions))
 
-    async def apply_facts(self, items: Sequence[Fact], *, record: bool = True) -> ProcessResult:
-        """Merge facts that come with no inbox message (polls), in one transaction."""
+    async def apply_facts(
+        self, items: Sequence[Fact], *, record: bool = True, record_unchanged: bool = True
+    ) -> ProcessResult:
+        """Merge facts that come with no inbox message (polls), in one transaction.
+
+        Polls re-read mostly unchanged state: ``record_unchanged=False`` keeps only the facts
+        that changed something (the corrections), so the facts table does not grow with
+        every nightly pass.
+        """
         async with self._begin() as conn:
-            decisions, queued = await self._apply(conn, [(None, f) for f in items], record=record)
+            decisions, queued = await self._apply(
+                conn, [(None, f) for f in items], record=record, record_unchanged=record_unchanged
+            )
         return ProcessResult(0, len(items), 0, queued, tuple(decisions))
 
     async def _load_entities(
@@ -754,7 +794,12 @@ class SqlStore:
         return found
 
     async def _apply(
-        self, conn: AsyncConnection, items: Sequence[tuple[int | None, Fact]], *, record: bool
+        self,
+        conn: AsyncConnection,
+        items: Sequence[tuple[int | None, Fact]],
+        *,
+        record: bool,
+        record_unchanged: bool = True,
     ) -> tuple[list[Decision], int]:
         known = await self._load_entities(conn, {(f.entity_type, f.entity_key) for _, f in items})
         now = datetime.now(UTC)
@@ -774,7 +819,7 @@ class SqlStore:
                 known[key] = entity
                 queued += added
             assert entity is not None
-            if record:
+            if record and (record_unchanged or decision.outcome is Outcome.APPLIED):
                 fact_rows.append(_fact_row(inbox_id, entity.id, fact, decision, now))
         if fact_rows:
             await conn.execute(facts.insert(), fact_rows)
@@ -1208,6 +1253,109 @@ class SqlStore:
             stmt = stmt.where(outbox.c.updated_at >= since)
         async with self._read() as conn:
             return [int(i) for i in (await conn.execute(stmt)).scalars()]
+
+    # --- polling ------------------------------------------------------------------------
+
+    async def get_cursor(self, job: str) -> datetime | None:
+        """Where the job's last complete incremental pass started."""
+        async with self._read() as conn:
+            stmt = sa.select(poll_cursors.c.cursor_at).where(poll_cursors.c.job == job)
+            value: datetime | None = (await conn.execute(stmt)).scalar_one_or_none()
+        return value
+
+    async def set_cursor(self, job: str, cursor_at: datetime) -> None:
+        """Move the job's cursor (only after its whole pass committed)."""
+        now = datetime.now(UTC)
+        async with self._begin() as conn:
+            updated = await conn.execute(
+                poll_cursors.update()
+                .where(poll_cursors.c.job == job)
+                .values(cursor_at=cursor_at, updated_at=now)
+            )
+            if not updated.rowcount:
+                await conn.execute(
+                    poll_cursors.insert().values(job=job, cursor_at=cursor_at, updated_at=now)
+                )
+
+    async def record_run(
+        self,
+        job: str,
+        kind: str,
+        started_at: datetime,
+        report: Mapping[str, Any],
+        error: str | None,
+    ) -> None:
+        """Keep a poll or reconciliation run's report."""
+        async with self._begin() as conn:
+            await conn.execute(
+                poll_runs.insert().values(
+                    job=job,
+                    kind=kind,
+                    started_at=started_at,
+                    finished_at=datetime.now(UTC),
+                    ok=error is None,
+                    report=dict(report),
+                    error=error,
+                )
+            )
+
+    async def recent_runs(self, limit: int = 50) -> list[dict[str, Any]]:
+        """The latest poll and reconciliation runs, newest first."""
+        async with self._read() as conn:
+            stmt = poll_runs.select().order_by(poll_runs.c.id.desc()).limit(limit)
+            return [dict(row._mapping) for row in (await conn.execute(stmt)).all()]
+
+    async def entities_by_keys(
+        self, entity_type: str, keys: Sequence[str]
+    ) -> dict[str, EntityRecord]:
+        """Entities of one type by key (missing keys are absent)."""
+        found: dict[str, EntityRecord] = {}
+        async with self._read() as conn:
+            for start in range(0, len(keys), INSERT_CHUNK):
+                stmt = _ENTITY_SELECT.where(
+                    entities.c.entity_type == entity_type,
+                    entities.c.entity_key.in_(keys[start : start + INSERT_CHUNK]),
+                )
+                for row in (await conn.execute(stmt)).all():
+                    record = EntityRecord.from_row(row)
+                    found[record.entity_key] = record
+        return found
+
+    async def acquire_lease(self, name: str, owner: str, ttl: float) -> bool:
+        """Take or renew a named lease; True if ``owner`` holds it now.
+
+        Used so scheduled polls run on one instance of several sharing a database: the
+        holder renews it, and another instance takes it over once it has expired.
+        """
+        now = datetime.now(UTC)
+        expires = now + timedelta(seconds=ttl)
+        async with self._begin() as conn:
+            taken = await conn.execute(
+                leases.update()
+                .where(
+                    leases.c.name == name,
+                    sa.or_(leases.c.owner == owner, leases.c.expires_at < now),
+                )
+                .values(owner=owner, expires_at=expires)
+            )
+            if taken.rowcount:
+                return True
+            inserted = await conn.execute(
+                _insert(self.dialect, leases)
+                .values(name=name, owner=owner, expires_at=expires)
+                .on_conflict_do_nothing(index_elements=["name"])
+            )
+            return bool(inserted.rowcount)
+
+    async def lease_holder(self, name: str) -> tuple[str, datetime] | None:
+        """Who holds a lease and until when."""
+        async with self._read() as conn:
+            row = (
+                await conn.execute(
+                    sa.select(leases.c.owner, leases.c.expires_at).where(leases.c.name == name)
+                )
+            ).first()
+        return None if row is None else (row.owner, row.expires_at)
 
     async def ping(self) -> None:
         """Raise StoreUnavailable unless the database answers."""

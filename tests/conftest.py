@@ -88,7 +88,8 @@ async def _truncate(url: str) -> None:
     conn = await asyncpg.connect(_asyncpg_dsn(url), timeout=10)
     try:
         await conn.execute(
-            "TRUNCATE inbox, quarantine, entities, facts, outbox, delivery_attempts"
+            "TRUNCATE inbox, quarantine, entities, facts, outbox, delivery_attempts,"
+            " poll_cursors, poll_runs, leases"
             " RESTART IDENTITY CASCADE"
         )
     finally:
