@@ -188,6 +188,29 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
     return _with_store(args, work)
 
 
+def cmd_subscriptions(args: argparse.Namespace) -> int:
+    """Show or sync MasonHub's callback registrations with webhooks.subscriptions."""
+    from syncd.masonhub import MasonHubClient
+    from syncd.poller import polling_problem
+    from syncd.subscriptions import list_subscriptions, sync_subscriptions
+
+    settings = _settings(args)
+    problem = polling_problem(settings)
+    if problem is not None:
+        raise ConfigError("masonhub", problem)
+
+    async def run() -> int:
+        client = MasonHubClient(settings.masonhub)
+        try:
+            if args.subscriptions_command == "list":
+                return await list_subscriptions(settings, client)
+            return await sync_subscriptions(settings, client, dry_run=args.dry_run)
+        finally:
+            await client.close()
+
+    return asyncio.run(run())
+
+
 def _add_events_parser(commands: Any, common: argparse.ArgumentParser) -> None:
     parser = commands.add_parser("events", parents=[common], help=cmd_events.__doc__)
     parser.set_defaults(func=cmd_events)
@@ -243,6 +266,14 @@ def build_parser() -> argparse.ArgumentParser:
         default="all",
     )
     reconcile.set_defaults(func=cmd_reconcile)
+    subscriptions = commands.add_parser(
+        "subscriptions", parents=[common], help=cmd_subscriptions.__doc__
+    )
+    subscriptions.set_defaults(func=cmd_subscriptions)
+    actions = subscriptions.add_subparsers(dest="subscriptions_command", required=True)
+    actions.add_parser("list", parents=[common], help="MasonHub's callbacks beside the config's")
+    sync = actions.add_parser("sync", parents=[common], help="register and remove to match")
+    sync.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
     return parser
 
 

@@ -242,13 +242,9 @@ class MasonHubClient:
             answers.append(await self.request("POST", "/callbacks", body=chunk))
         return answers
 
-    async def delete_callbacks(self, callbacks: Sequence[Mapping[str, Any]]) -> Any:
-        """Remove callbacks, given as the registrations to remove."""
-        answers = []
-        for start in range(0, len(callbacks), MAX_IDS_PER_REQUEST):
-            chunk = list(callbacks[start : start + MAX_IDS_PER_REQUEST])
-            answers.append(await self.request("DELETE", "/callbacks", body=chunk))
-        return answers
+    async def delete_callbacks(self, ids: Sequence[str]) -> Any:
+        """Remove callbacks by id (at most 30 per call)."""
+        return [await self.request("DELETE", "/callbacks", body=batch) for batch in batched(ids)]
 
 
 def _window(

@@ -56,39 +56,6 @@ def calls(mocked: aioresponses, url: str) -> list[RequestCall]:
     return mocked.requests.get(("PUT", URL(url)), [])
 
 
-class _SentUpload:
-    """Stands for a request body already written: all ClientResponse reads of it."""
-
-    output_size = 0
-
-
-class _CompatResponse(aiohttp.ClientResponse):
-    """A ClientResponse aioresponses 0.7.9 can build under aiohttp 3.14.
-
-    aiohttp 3.14 added a required ``stream_writer`` argument that aioresponses does not pass
-    (pnuckowski/aioresponses#289); drop this once a fixed release is out.
-    """
-
-    def __init__(self, method: str, url: URL, **kwargs: Any) -> None:
-        kwargs.setdefault("stream_writer", _SentUpload())
-        super().__init__(method, url, **kwargs)
-
-
-class _Aioresponses(aioresponses):
-    """aioresponses building every mocked response as a `_CompatResponse`."""
-
-    def add(self, url: Any, method: str = "GET", **kwargs: Any) -> None:
-        kwargs.setdefault("response_class", _CompatResponse)
-        super().add(url, method, **kwargs)
-
-
-@pytest.fixture
-def mocked() -> Iterator[aioresponses]:
-    """Every aiohttp request answered by aioresponses."""
-    with _Aioresponses() as mock:
-        yield mock
-
-
 @pytest.fixture
 async def adapter() -> AsyncIterator[HttpErpAdapter]:
     """An http adapter with a token, closed after the test."""
