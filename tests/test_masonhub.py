@@ -106,7 +106,8 @@ async def test_500_forever_gives_up(client: MasonHubClient, mocked: aioresponses
             ORDERS, status=503, payload={"message": "maintenance"}, headers={"Retry-After": "0"}
         )
     with pytest.raises(
-        MasonHubUnavailable, match="503 to GET http://mh.test/acct/api/v1/orders: maintenance"
+        MasonHubUnavailable,
+        match=re.escape("503 to GET http://mh.test/acct/api/v1/orders: maintenance"),
     ):
         await collect(client)
 
