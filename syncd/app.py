@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import structlog
 from aiohttp import web
@@ -18,6 +19,8 @@ from syncd.errors import StoreUnavailable, SyncdError
 from syncd.inbox import GroupCommitter
 from syncd.masonhub import MasonHubClient
 from syncd.merge import Merger
+from syncd.metrics import Metrics
+from syncd.notify import Notifier
 from syncd.poller import Poller, PollScheduler
 from syncd.receiver import WebhookReceiver, add_routes
 from syncd.store import SqlStore
@@ -28,11 +31,17 @@ STORE = web.AppKey("store", SqlStore)
 SETTINGS = web.AppKey("settings", Settings)
 RECEIVER = web.AppKey("receiver", WebhookReceiver)
 SCHEDULER = web.AppKey("scheduler", AsyncIOScheduler)
+METRICS = web.AppKey("metrics", Metrics)
+MAIN = web.AppKey("main", web.Application)
 
 #: How often processed inbox rows older than the dedupe retention are pruned.
 PRUNE_EVERY = timedelta(hours=1)
 #: How long a stop waits for in-flight requests before closing their connections.
 SHUTDOWN_TIMEOUT = 30.0
+#: A background loop that has not come round for this long is wedged: watchdog pings stop.
+WEDGED_AFTER = 30.0
+#: How often the systemd status line is refreshed.
+STATUS_EVERY = 10.0
 
 
 async def healthz(_request: web.Request) -> web.Response:
@@ -42,7 +51,7 @@ async def healthz(_request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     """The store is reachable and its schema is this version's."""
-    store = request.app[STORE]
+    store = request.app[MAIN][STORE]
     try:
         problem = (await store.schema_status()).problem()
     except StoreUnavailable as exc:
@@ -94,21 +103,24 @@ POLLS = web.AppKey("polls", PollScheduler)
 
 
 def create_app(
-    settings: Settings, store: SqlStore | None = None, adapter: ErpAdapter | None = None
+    settings: Settings,
+    store: SqlStore | None = None,
+    adapter: ErpAdapter | None = None,
+    metrics: Metrics | None = None,
 ) -> web.Application:
-    """The public application: webhook endpoint and health checks, with its services."""
+    """The public application (the webhook endpoint and /healthz) with every service."""
     app = web.Application(client_max_size=settings.server.max_body_bytes)
     app[SETTINGS] = settings
+    app[METRICS] = metrics = metrics or Metrics()
     app[STORE] = store = store or SqlStore(settings.store.url)
     app[SUPERVISOR] = supervisor = Supervisor()
     erp = adapter or load_adapter(settings.erp)
-    app[DELIVERER] = deliverer = Deliverer(store, erp, settings.erp)
+    app[DELIVERER] = deliverer = Deliverer(store, erp, settings.erp, metrics=metrics)
     app[MERGER] = merger = Merger(store, on_queued=deliverer.notify)
     committer = GroupCommitter(store, on_commit=merger.notify)
-    app[RECEIVER] = WebhookReceiver(settings, store, committer)
+    app[RECEIVER] = WebhookReceiver(settings, store, committer, metrics)
     add_routes(app, settings, app[RECEIVER])
     app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
 
     async def store_ctx(_app: web.Application) -> AsyncIterator[None]:
         try:
@@ -142,7 +154,7 @@ def create_app(
     # scheduler keeps no job store of its own.
     scheduler = app[SCHEDULER] = AsyncIOScheduler(timezone=UTC)
     masonhub = MasonHubClient(settings.masonhub)
-    poller = Poller(store, masonhub, settings, on_queued=deliverer.notify)
+    poller = Poller(store, masonhub, settings, on_queued=deliverer.notify, metrics=metrics)
     app[POLLS] = polls = PollScheduler(poller, store, settings, deliverer.owner)
 
     async def scheduler_ctx(_app: web.Application) -> AsyncIterator[None]:
@@ -170,30 +182,149 @@ def create_app(
     return app
 
 
-async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
-    """Run the daemon until SIGTERM or SIGINT (or ``stop`` is set), then stop cleanly."""
-    stop = stop or asyncio.Event()
+async def metrics_endpoint(request: web.Request) -> web.Response:
+    """Prometheus exposition; store gauges are read at scrape time."""
+    main = request.app[MAIN]
+    metrics, store = main[METRICS], main[STORE]
+    try:
+        counts = await store.outbox_counts()
+        oldest = await store.oldest_pending()
+    except StoreUnavailable:
+        counts, oldest = {}, None
+    for state in ("pending", "dead"):
+        metrics.outbox_depth.labels(state).set(counts.get(state, 0))
+    age = 0.0 if oldest is None else (datetime.now(UTC) - oldest).total_seconds()
+    metrics.oldest_pending.set(max(0.0, age))
+    return web.Response(body=metrics.render(), content_type="text/plain", charset="utf-8")
+
+
+async def status_endpoint(request: web.Request) -> web.Response:
+    """The status report: JSON for machines, a small HTML page for a person."""
+    from syncd import status
+
+    main = request.app[MAIN]
+    store = main[STORE]
+    try:
+        report = await status.collect(store, main[SETTINGS])
+    except StoreUnavailable as exc:
+        return web.json_response({"status": "unavailable", "error": exc.message}, status=503)
+    wants_json = request.query.get("format") == "json" or (
+        "application/json" in request.headers.get("Accept", "")
+        and "text/html" not in request.headers.get("Accept", "")
+    )
+    if wants_json:
+        return web.json_response(report, status=200)
+    history = await store.attempts_since(datetime.now(UTC) - timedelta(hours=24))
+    return web.Response(text=status.render_html(report, history), content_type="text/html")
+
+
+def create_admin_app(main: web.Application) -> web.Application:
+    """The private listener: /metrics, /status, /healthz and /readyz of the main app."""
+    admin = web.Application()
+    admin[MAIN] = main
+    admin.router.add_get("/metrics", metrics_endpoint)
+    admin.router.add_get("/status", status_endpoint)
+    admin.router.add_get("/healthz", healthz)
+    admin.router.add_get("/readyz", readyz)
+    return admin
+
+
+def health_problem(app: web.Application, now: float) -> str | None:
+    """Why the daemon is not healthy (watchdog pings stop), or None."""
+    for name, tick in (
+        ("delivery loop", app[DELIVERER].last_tick),
+        ("merge loop", app[MERGER].last_tick),
+    ):
+        if now - tick > WEDGED_AFTER:
+            return f"{name} has not run for {now - tick:.0f}s"
+    if app[SUPERVISOR].failed.is_set():
+        return app[SUPERVISOR].reason
+    return None
+
+
+async def watch(app: web.Application, notifier: Notifier) -> None:
+    """Ping the systemd watchdog while healthy, and keep the status line current."""
+    from syncd import status
+
     loop = asyncio.get_running_loop()
+    interval = notifier.watchdog_interval or STATUS_EVERY
+    next_status = 0.0
+    while True:
+        problem = health_problem(app, loop.time())
+        if problem is None:
+            notifier.watchdog()
+        else:
+            log.error("syncd.unhealthy", problem=problem)
+        if loop.time() >= next_status:
+            next_status = loop.time() + STATUS_EVERY
+            try:
+                notifier.status(status.summary(await status.collect(app[STORE], app[SETTINGS])))
+            except StoreUnavailable as exc:
+                notifier.status(f"store unavailable: {exc.message}")
+        await asyncio.sleep(min(interval, STATUS_EVERY))
+
+
+def reload_settings(app: web.Application, new: Settings) -> list[str]:
+    """Apply what can change without a restart; returns the keys that need one."""
+    old = app[SETTINGS]
+    changed = _changed_keys(old.model_dump(), new.model_dump())
+    live = ("poll.", "reconcile.", "webhooks.subscriptions")
+    app[RECEIVER].set_subscriptions(new.webhooks.subscriptions)
+    app[POLLS].reschedule(app[SCHEDULER], new)
+    return [key for key in changed if not key.startswith(live)]
+
+
+def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        keys = sorted(set(old) | set(new))
+        return [
+            k for key in keys for k in _changed_keys(old.get(key), new.get(key), f"{prefix}{key}.")
+        ]
+    return [] if old == new else [prefix.rstrip(".")]
+
+
+async def serve(
+    settings: Settings,
+    stop: asyncio.Event | None = None,
+    *,
+    reload: Callable[[], Settings] | None = None,
+    notifier: Notifier | None = None,
+) -> None:
+    """Run the daemon until SIGTERM or SIGINT (or ``stop`` is set), then stop cleanly.
+
+    READY=1 goes to systemd only once the store is checked, both listeners are bound and the
+    scheduler runs. SIGHUP re-reads the config through ``reload``.
+    """
+    stop = stop or asyncio.Event()
+    notifier = notifier or Notifier()
+    loop = asyncio.get_running_loop()
+    app = create_app(settings)
+    admin = create_admin_app(app)
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    app = create_app(settings)
+    if reload is not None:
+        loop.add_signal_handler(signal.SIGHUP, lambda: _on_hup(app, reload))
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT)
+    admin_runner = web.AppRunner(admin, access_log=None, shutdown_timeout=5)
     await runner.setup()
+    watcher: asyncio.Task[None] | None = None
     try:
+        await admin_runner.setup()
         site = web.TCPSite(runner, settings.server.host, settings.server.port)
         await site.start()
+        await web.TCPSite(admin_runner, settings.admin.host, settings.admin.port).start()
         log.info(
             "syncd.listening",
             addresses=[str(a) for a in runner.addresses],
+            admin=[str(a) for a in admin_runner.addresses],
             webhook_path=settings.webhooks.path,
             store=app[STORE].dialect,
         )
-        stopped = asyncio.create_task(stop.wait())
-        failed = asyncio.create_task(app[SUPERVISOR].failed.wait())
-        await asyncio.wait({stopped, failed}, return_when=asyncio.FIRST_COMPLETED)
-        for waiter in (stopped, failed):
-            waiter.cancel()
+        notifier.ready("listening")
+        watcher = asyncio.create_task(watch(app, notifier), name="syncd.watchdog")
+        await _until_stop(stop, app[SUPERVISOR])
         log.info("syncd.stopping")
+        notifier.stopping()
         # Stop accepting connections, then let requests already reading their bodies finish:
         # aiohttp's own shutdown drops body bytes that arrive after it starts.
         await site.stop()
@@ -203,10 +334,34 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
         except TimeoutError:
             log.warning("syncd.drain_timeout", seconds=SHUTDOWN_TIMEOUT)
     finally:
+        if watcher is not None:
+            watcher.cancel()
+        await admin_runner.cleanup()
         await runner.cleanup()
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(signum)
+        notifier.close()
     reason = app[SUPERVISOR].reason
     if reason is not None:
         raise SyncdError(reason)
     log.info("syncd.stopped")
+
+
+async def _until_stop(stop: asyncio.Event, supervisor: Supervisor) -> None:
+    stopped = asyncio.create_task(stop.wait())
+    failed = asyncio.create_task(supervisor.failed.wait())
+    await asyncio.wait({stopped, failed}, return_when=asyncio.FIRST_COMPLETED)
+    for waiter in (stopped, failed):
+        waiter.cancel()
+
+
+def _on_hup(app: web.Application, reload: Callable[[], Settings]) -> None:
+    try:
+        new = reload()
+    except SyncdError as exc:
+        log.error("config.reload_failed", error=exc.message)
+        return
+    restart = reload_settings(app, new)
+    log.info("config.reloaded", applied=["poll", "reconcile", "webhooks.subscriptions"])
+    for key in restart:
+        log.warning("config.restart_required", key=key)

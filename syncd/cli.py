@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import sys
 import traceback
 from collections.abc import Awaitable, Callable, Sequence
@@ -98,7 +99,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     configure_logging(debug=args.debug, secrets=secrets_of(settings))
     for warning in startup_warnings(settings):
         structlog.get_logger("syncd").warning("config.warning", detail=warning)
-    asyncio.run(serve(settings))
+    path = Path(args.config) if args.config else default_config_path()
+    asyncio.run(serve(settings, reload=lambda: load_settings(path)))
     return 0
 
 
@@ -145,6 +147,23 @@ def cmd_events(args: argparse.Namespace) -> int:
         raise UsageError("events replay: give an event ID or --dead")
     since = _since(args.since)
     return _with_store(args, lambda store: events.replay(store, args.id, args.dead, since))
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Queue depths, dead letters, poll freshness; exit 1 when something needs a person."""
+    from syncd import status
+
+    settings = _settings(args)
+
+    async def work(store: SqlStore) -> int:
+        report = await status.collect(store, settings)
+        if args.json:
+            print(json.dumps(report, indent=2, default=str))
+        else:
+            sys.stdout.write(status.render_text(report))
+        return 1 if report["problems"] else 0
+
+    return _with_store(args, work)
 
 
 def cmd_reconcile(args: argparse.Namespace) -> int:
@@ -259,6 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
         sub = commands.add_parser(name, parents=[common], help=(func.__doc__ or "").strip())
         sub.set_defaults(func=func)
     _add_events_parser(commands, common)
+    status = commands.add_parser("status", parents=[common], help=cmd_status.__doc__)
+    status.add_argument("--json", action="store_true", help="the report as JSON")
+    status.set_defaults(func=cmd_status)
     reconcile = commands.add_parser("reconcile", parents=[common], help=cmd_reconcile.__doc__)
     reconcile.add_argument(
         "--job",

@@ -24,6 +24,7 @@ from syncd.config import ErpSettings
 from syncd.erp import Delivery, ErpAdapter
 from syncd.errors import DeliveryError, PermanentDeliveryError, StoreUnavailable
 from syncd.merge import stop_task
+from syncd.metrics import Metrics
 from syncd.store import ClaimedDelivery, SqlStore
 
 log = structlog.get_logger(__name__)
@@ -65,7 +66,9 @@ class Deliverer:
         *,
         owner: str | None = None,
         rng: random.Random | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
+        self._metrics = metrics or Metrics()
         self._store = store
         self._adapter = adapter
         self._settings = settings
@@ -161,6 +164,8 @@ class Deliverer:
         except DeliveryError as exc:
             await self._record_failure(claim, started, exc)
             return
+        self._metrics.deliveries.labels(claim.entity_type, "delivered").inc()
+        self._metrics.erp_seconds.labels(claim.entity_type).observe(result.elapsed)
         log.info(
             "delivery.delivered",
             entity_type=claim.entity_type,
@@ -209,8 +214,12 @@ class Deliverer:
             "error": exc.message,
         }
         if verdict.retry_at is None:
+            self._metrics.deliveries.labels(claim.entity_type, "dead").inc()
+            self._metrics.dead_letters.inc()
             log.error("delivery.dead_lettered", permanent=verdict.permanent, **fields)
         else:
+            self._metrics.deliveries.labels(claim.entity_type, "retry").inc()
+            self._metrics.retries.inc()
             log.warning("delivery.retry_scheduled", retry_at=verdict.retry_at.isoformat(), **fields)
         await self._record(
             self._store.fail_delivery(

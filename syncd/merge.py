@@ -132,6 +132,8 @@ class Merger:
         self._wake = asyncio.Event()
         self._stopping = False
         self.task: asyncio.Task[None] | None = None
+        #: Monotonic time of the loop's last round: the watchdog's sign of life.
+        self.last_tick = 0.0
 
     def notify(self) -> None:
         """New messages were committed: merge them now."""
@@ -162,7 +164,9 @@ class Merger:
                 return total
 
     async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
         while not self._stopping:
+            self.last_tick = loop.time()
             self._wake.clear()
             try:
                 await self.drain_once()

@@ -32,6 +32,7 @@ from syncd.facts import (
 )
 from syncd.masonhub import MasonHubClient
 from syncd.merge import Outcome
+from syncd.metrics import Metrics
 from syncd.store import SqlStore
 
 log = structlog.get_logger(__name__)
@@ -99,15 +100,17 @@ class Poller:
         settings: Settings,
         *,
         on_queued: Callable[[], None] | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
+        self._metrics = metrics or Metrics()
         self._store = store
         self._client = client
-        self._settings = settings
+        self.settings = settings
         self._on_queued = on_queued
 
     def job_settings(self, job: str) -> PollJobSettings:
         """The [poll.JOB] settings."""
-        settings: PollJobSettings = getattr(self._settings.poll, job)
+        settings: PollJobSettings = getattr(self.settings.poll, job)
         return settings
 
     async def incremental(self, job: str) -> PassReport:
@@ -123,7 +126,7 @@ class Poller:
     async def reconcile(self, job: str, progress: ProgressCallback | None = None) -> PassReport:
         """Read everything updated within ``reconcile.window`` and merge it."""
         started = datetime.now(UTC)
-        since = started - timedelta(seconds=self._settings.reconcile.window)
+        since = started - timedelta(seconds=self.settings.reconcile.window)
         return await self._run(job, "reconcile", since, started, progress)
 
     async def _run(
@@ -144,13 +147,24 @@ class Poller:
                     progress(report)
         except SyncdError as exc:
             report.seconds = time.monotonic() - clock
+            self._observe(report, ok=False)
             await self._store.record_run(job, kind, started, report.as_dict(), exc.message)
             log.warning("poll.failed", job=job, kind=kind, error=exc.message)
             raise PassFailed(f"{kind} {job} failed: {exc.message}") from exc
         report.seconds = time.monotonic() - clock
+        self._observe(report, ok=True)
         await self._store.record_run(job, kind, started, report.as_dict(), None)
         log.info("poll.finished", **report.as_dict())
         return report
+
+    def _observe(self, report: PassReport, *, ok: bool) -> None:
+        metrics = self._metrics
+        metrics.poll_runs.labels(report.job, report.kind, "ok" if ok else "failed").inc()
+        metrics.poll_records.labels(report.job).inc(report.records)
+        for entity_type, count in report.corrections.items():
+            metrics.corrections.labels(entity_type).inc(count)
+        if ok:
+            metrics.poll_last_success.labels(report.job).set(time.time())
 
     async def _merge_page(
         self, report: PassReport, page: list[dict[str, Any]], normalise: Normaliser, kind: str
@@ -293,6 +307,15 @@ class PollScheduler:
                 coalesce=True,
                 misfire_grace_time=3600,
             )
+
+    def reschedule(self, scheduler: Any, settings: Settings) -> None:
+        """Replace the poll and reconcile jobs with ones built from new settings (SIGHUP)."""
+        for job in scheduler.get_jobs():
+            if job.id.startswith("poll_") or job.id in ("reconcile", "leader_lease"):
+                job.remove()
+        self._settings = settings
+        self._poller.settings = settings
+        self.add_jobs(scheduler)
 
     async def renew_lease(self) -> bool:
         """Take or keep the leader lease; polls run only while it is held."""

@@ -25,7 +25,8 @@ from aiohttp import web
 from syncd.config import Settings
 from syncd.errors import StoreUnavailable
 from syncd.inbox import GroupCommitter
-from syncd.messages import MalformedBody, ParsedMessage, parse_body
+from syncd.messages import MESSAGE_TYPES, MalformedBody, ParsedMessage, parse_body
+from syncd.metrics import Metrics
 from syncd.store import NewMessage, QuarantinedBody, SqlStore
 
 log = structlog.get_logger(__name__)
@@ -130,8 +131,15 @@ def _reject(status: int, outcome: str, error: str) -> Answer:
 class WebhookReceiver:
     """Handles ``POST {webhooks.path}`` and ``POST {webhooks.path}/{message_type}``."""
 
-    def __init__(self, settings: Settings, store: SqlStore, committer: GroupCommitter) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        store: SqlStore,
+        committer: GroupCommitter,
+        metrics: Metrics | None = None,
+    ) -> None:
         hooks = settings.webhooks
+        self._metrics = metrics or Metrics()
         self._store = store
         self._committer = committer
         self._secrets = [s.get_secret_value().encode() for s in hooks.signing_secrets]
@@ -161,8 +169,22 @@ class WebhookReceiver:
             self._in_flight -= 1
             if not self._in_flight:
                 self._idle.set()
-        _log_answer(answer, request, remote, time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
+        _log_answer(answer, request, remote, elapsed)
+        self._observe(answer, request, elapsed)
         return answer.response()
+
+    def _observe(self, answer: Answer, request: web.Request, elapsed: float) -> None:
+        named = answer.messages[0].message_type if answer.messages else None
+        named = named or request.match_info.get("message_type")
+        # Only known types become label values: a caller must not grow our time series.
+        label = named if named in MESSAGE_TYPES else "other"
+        self._metrics.webhooks.labels(label, answer.outcome).inc()
+        self._metrics.ingest_seconds.observe(elapsed)
+
+    def set_subscriptions(self, subscriptions: Sequence[str]) -> None:
+        """Change which message types are stored (SIGHUP)."""
+        self._subscribed = frozenset(subscriptions)
 
     async def drain(self) -> None:
         """Answer new callbacks 503 and wait for those in progress to be answered."""

@@ -1254,6 +1254,55 @@ class SqlStore:
         async with self._read() as conn:
             return [int(i) for i in (await conn.execute(stmt)).scalars()]
 
+    # --- status -------------------------------------------------------------------------
+
+    async def oldest_pending(self) -> datetime | None:
+        """When the oldest pending delivery was queued (its row's creation), if any."""
+        async with self._read() as conn:
+            stmt = sa.select(sa.func.min(outbox.c.created_at)).where(
+                outbox.c.state == OutboxState.PENDING.value
+            )
+            value: datetime | None = (await conn.execute(stmt)).scalar_one()
+        return value
+
+    async def inbox_counts(self) -> dict[str, int]:
+        """Inbox messages by state."""
+        async with self._read() as conn:
+            stmt = sa.select(inbox.c.state, sa.func.count()).group_by(inbox.c.state)
+            return {state: int(n) for state, n in (await conn.execute(stmt)).all()}
+
+    async def attempts_since(self, since: datetime) -> list[tuple[datetime, str]]:
+        """(finished_at, outcome) of every ERP call since a time, oldest first."""
+        async with self._read() as conn:
+            stmt = (
+                sa.select(delivery_attempts.c.finished_at, delivery_attempts.c.outcome)
+                .where(delivery_attempts.c.finished_at >= since)
+                .order_by(delivery_attempts.c.finished_at)
+            )
+            return [(r.finished_at, r.outcome) for r in (await conn.execute(stmt)).all()]
+
+    async def last_runs(self) -> dict[tuple[str, str], dict[str, Any]]:
+        """The latest run of each (job, kind), and the latest successful one's finish time."""
+        latest: dict[tuple[str, str], dict[str, Any]] = {}
+        async with self._read() as conn:
+            newest = (
+                sa.select(sa.func.max(poll_runs.c.id))
+                .group_by(poll_runs.c.job, poll_runs.c.kind)
+                .scalar_subquery()
+            )
+            for row in (
+                await conn.execute(poll_runs.select().where(poll_runs.c.id.in_(newest)))
+            ).all():
+                latest[(row.job, row.kind)] = dict(row._mapping)
+            ok = (
+                sa.select(poll_runs.c.job, poll_runs.c.kind, sa.func.max(poll_runs.c.finished_at))
+                .where(poll_runs.c.ok.is_(True))
+                .group_by(poll_runs.c.job, poll_runs.c.kind)
+            )
+            for job, kind, finished in (await conn.execute(ok)).all():
+                latest.setdefault((job, kind), {})["last_success_at"] = finished
+        return latest
+
     # --- polling ------------------------------------------------------------------------
 
     async def get_cursor(self, job: str) -> datetime | None:

@@ -40,11 +40,16 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def write_config(path: Path, db: Path, port: int = 0, *, auto_migrate: bool = False) -> Path:
+def write_config(
+    path: Path, db: Path, port: int = 0, *, auto_migrate: bool = False, admin_port: int = 0
+) -> Path:
     path.write_text(
         f"""
 [server]
 port = {port}
+
+[admin]
+port = {admin_port}
 
 [store]
 url = "sqlite+aiosqlite:///{db}"
@@ -217,8 +222,10 @@ def _post(url: str, body: bytes) -> tuple[int, dict[str, str]]:
 @pytest.fixture
 def daemon(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], int, Path]]:
     """A real `syncd run` process on SQLite with auto_migrate, and its port and log file."""
-    port = free_port()
-    path = write_config(tmp_path / "c.toml", tmp_path / "d.db", port=port, auto_migrate=True)
+    port, admin_port = free_port(), free_port()
+    path = write_config(
+        tmp_path / "c.toml", tmp_path / "d.db", port, auto_migrate=True, admin_port=admin_port
+    )
     log = tmp_path / "syncd.log"
     with log.open("w") as out:
         process = subprocess.Popen(
@@ -233,7 +240,7 @@ def daemon(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], int, Path]]:
         if process.poll() is not None:
             pytest.fail(f"syncd run exited early: {log.read_text()}")
         try:
-            if _get(f"http://127.0.0.1:{port}/readyz") == 200:
+            if _get(f"http://127.0.0.1:{admin_port}/readyz") == 200:
                 break
         except OSError:
             time.sleep(0.1)

@@ -24,6 +24,9 @@ def write_config(path: Path, db: Path, port: int, erp_url: str) -> Path:
 [server]
 port = {port}
 
+[admin]
+port = {port + 1}
+
 [store]
 url = "sqlite+aiosqlite:///{db}"
 auto_migrate = true
@@ -57,7 +60,7 @@ async def start_syncd(config: Path, port: int, log: Path) -> asyncio.subprocess.
     async with aiohttp.ClientSession() as session:
         for _ in range(300):
             try:
-                async with session.get(f"http://127.0.0.1:{port}/readyz") as response:
+                async with session.get(f"http://127.0.0.1:{port + 1}/readyz") as response:
                     if response.status == 200:
                         return process
             except aiohttp.ClientError:

@@ -17,7 +17,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 from sqlalchemy.engine import make_url
 
-from syncd.app import RECEIVER, create_app
+from syncd.app import RECEIVER, create_admin_app, create_app
 from syncd.logs import configure_logging
 from syncd.store import SqlStore
 from syncd.testing import RecordingErp, TcpProxy, dumps, envelope, sign
@@ -451,13 +451,14 @@ async def test_postgres_down_503(aiohttp_client: ClientFactory, pg_migrated_url:
     proxied = url.set(port=proxy.port).render_as_string(hide_password=False)
     try:
         client = await aiohttp_client(create_app(make_settings(proxied), adapter=RecordingErp()))
+        admin = await aiohttp_client(create_admin_app(client.app))
         await proxy.cut()
         assert (await post(client, dumps(ORDER_FULFILLED)))[0] == 503
-        assert (await client.get("/readyz")).status == 503
+        assert (await admin.get("/readyz")).status == 503
         assert (await client.get("/healthz")).status == 200
         await proxy.restore()
         assert await post(client, dumps(ORDER_FULFILLED)) == (200, {"status": "received"})
-        assert (await client.get("/readyz")).status == 200
+        assert (await admin.get("/readyz")).status == 200
     finally:
         await proxy.cut()
         from tests.conftest import _truncate
@@ -475,10 +476,15 @@ async def test_draining_answers_503(client: Client) -> None:
 # --- health and logs -----------------------------------------------------------------------
 
 
-async def test_health_endpoints(client: Client) -> None:
-    """healthz says the process is alive; readyz that the store is migrated and reachable."""
+async def test_health_endpoints(client: Client, aiohttp_client: ClientFactory) -> None:
+    """healthz says the process is alive; readyz, on the admin listener, that the store is
+    migrated and reachable. The public port serves neither readyz nor the admin pages."""
+    admin = await aiohttp_client(create_admin_app(client.app))
     assert await (await client.get("/healthz")).json() == {"status": "ok"}
-    assert await (await client.get("/readyz")).json() == {"status": "ready"}
+    assert await (await admin.get("/healthz")).json() == {"status": "ok"}
+    assert await (await admin.get("/readyz")).json() == {"status": "ready"}
+    for path in ("/readyz", "/metrics", "/status"):
+        assert (await client.get(path)).status == 404
 
 
 @pytest.fixture

@@ -7,8 +7,9 @@ changes them in place) and slotted: the benchmark keeps 100,000 orders in memory
 
 from __future__ import annotations
 
+import uuid
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Final
@@ -67,7 +68,7 @@ TRACKING_URLS: Final = {
 
 def rfc3339(moment: datetime) -> str:
     """``2024-01-01T00:00:00.000000Z``: RFC 3339 in UTC with microseconds, as MasonHub writes."""
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return moment.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
 def _optional(moment: datetime | None) -> str | None:
@@ -82,6 +83,35 @@ def _without_none(mapping: Mapping[str, Any]) -> dict[str, Any]:
 # --- SKUs and inventory ----------------------------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True)
+class InventoryEvent:
+    """One ledger line of a SKU: a status count changed by ``quantity``.
+
+    Kept raw and rendered on demand: building 100,000 orders writes several per order.
+    """
+
+    id_bits: int
+    sku_id: str
+    customer_identifier: str
+    event_type: str
+    quantity: int
+    reference: str
+    occurred_at: datetime
+
+    def record(self) -> dict[str, Any]:
+        return {
+            "id": str(uuid.UUID(int=self.id_bits, version=4)),
+            "sku_id": self.sku_id,
+            "customer_identifier": self.customer_identifier,
+            "inventory_location_id": LOCATION_ID,
+            "reference_uri": f"masonhub.co/simulator/{self.reference}",
+            "actor_uri": "masonhub.co/simulator",
+            "event_type": self.event_type,
+            "quantity": self.quantity,
+            "occured_at": rfc3339(self.occurred_at),  # sic: the spec's spelling
+        }
+
+
 @dataclass(slots=True, eq=False)
 class Sku:
     """A SKU and its inventory counts by status, in the one distribution center."""
@@ -94,9 +124,7 @@ class Sku:
     updated_at: datetime
     counts: dict[str, int] = field(default_factory=dict)
     counted_at: dict[str, datetime] = field(default_factory=dict)
-    ledger: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=LEDGER_SIZE))
-    #: The inventory events of the latest change, carried by its skuInventoryChange.
-    last_events: list[dict[str, Any]] = field(default_factory=list)
+    ledger: deque[InventoryEvent] = field(default_factory=lambda: deque(maxlen=LEDGER_SIZE))
 
     @property
     def total_units(self) -> int:
@@ -143,7 +171,7 @@ class Sku:
             }
         return record
 
-    def snapshot(self, *, events: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    def snapshot(self, *, events: Sequence[InventoryEvent] | None = None) -> dict[str, Any]:
         """The sku snapshot object of ``GET /sku_snapshots`` and skuInventoryChange items.
 
         ``events`` are the inventory events to carry; the default is the bounded ledger.
@@ -164,7 +192,7 @@ class Sku:
                 }
                 for s, n in self._ordered_counts()
             ],
-            "inventory_events": list(self.ledger) if events is None else events,
+            "inventory_events": [e.record() for e in (self.ledger if events is None else events)],
         }
 
     def _ordered_counts(self) -> list[tuple[str, int]]:
@@ -306,6 +334,7 @@ class Order:
     def record(self) -> dict[str, Any]:
         """The ``GET /orders`` (detail) record."""
         return {
+            "submitted_at": rfc3339(self.created_at),
             **self.fields,
             "id": self.id,
             "customer_identifier": self.customer_identifier,

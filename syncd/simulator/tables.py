@@ -123,6 +123,10 @@ class Table(Generic[R]):
     def __contains__(self, key: object) -> bool:
         return key in self.by_id or key in self.by_cid
 
+    def nth(self, position: int) -> R:
+        """The record created ``position``-th (0 first)."""
+        return self.by_id[self._created[position]]
+
     def get(self, key: str) -> R | None:
         """The record whose MasonHub id or customer_identifier is ``key``."""
         return self.by_id.get(key) or self.by_cid.get(key)

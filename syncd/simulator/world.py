@@ -26,6 +26,7 @@ from syncd.simulator.records import (
     SHIPMENT_STAGES,
     InboundLine,
     InboundShipment,
+    InventoryEvent,
     Order,
     OrderLine,
     Rma,
@@ -248,7 +249,7 @@ class _Counters:
 class World:
     """A deterministic simulated MasonHub account: SKUs, orders, shipments, ASNs and returns.
 
-    Orders move open → at_warehouse → in_process → packed → fulfilled (1–2 packages with
+    Orders move open → at_warehouse → in_process → packed → fulfilled (1 or 2 packages, with
     tracking numbers, inventory decremented) → the packages' carrier stages (tendered,
     inTransit, delivered). Inbound shipments raise inventory when received; returns arrive.
     Records live in :class:`~syncd.simulator.tables.Table` s (``orders``, ``shipments``,
@@ -264,7 +265,8 @@ class World:
         initial_units: int = 1000,
         camel_case_order_events: bool = True,
     ) -> None:
-        self.rng = random.Random(seed)
+        # Determinism, not secrecy: the seed must replay the same world.
+        self.rng = random.Random(seed)  # noqa: S311
         self.clock: Clock = clock or system_clock
         #: orderEvent statuses as the callback guide writes them (atWarehouse), or snake_case.
         self.camel_case_order_events = camel_case_order_events
@@ -278,6 +280,8 @@ class World:
         self.emitted: Counter[str] = Counter()
         self._sinks: list[EventSink] = []
         self._active = _ActiveSet()
+        self._open_inbound = _ActiveSet()
+        self._open_rmas = _ActiveSet()
         self._tracking: dict[str, Shipment] = {}
         self._counters = _Counters()
         self._templates = [
@@ -301,8 +305,9 @@ class World:
     # --- plumbing ----------------------------------------------------------------------------
 
     def subscribe(self, sink: EventSink) -> None:
-        """Publish every later event to ``sink`` too."""
-        self._sinks.append(sink)
+        """Publish every later event to ``sink`` too (once, however often subscribed)."""
+        if sink not in self._sinks:
+            self._sinks.append(sink)
 
     def now(self) -> datetime:
         """The clock's time, as an aware UTC datetime."""
@@ -384,33 +389,27 @@ class World:
         if not deltas:
             return
         now = self.now()
-        events = []
+        events = [
+            InventoryEvent(
+                self.rng.getrandbits(128),
+                sku.id,
+                sku.customer_identifier,
+                status,
+                delta,
+                reference,
+                now,
+            )
+            for status, delta in deltas.items()
+        ]
         for status, delta in deltas.items():
             sku.counts[status] = sku.counts.get(status, 0) + delta
             sku.counted_at[status] = now
-            events.append(self._inventory_event(sku, status, delta, reference, now))
         sku.ledger.extend(events)
-        sku.last_events = events
         sku.updated_at = now
         self.skus.touched(sku)
         self._emit(
             "skuInventoryChange", sku.customer_identifier, lambda: [sku.snapshot(events=events)]
         )
-
-    def _inventory_event(
-        self, sku: Sku, status: str, delta: int, reference: str, now: datetime
-    ) -> dict[str, Any]:
-        return {
-            "id": self.new_id(),
-            "sku_id": sku.id,
-            "customer_identifier": sku.customer_identifier,
-            "inventory_location_id": "52c7c6ee-6e63-4f25-db83-c987fc52116c",
-            "reference_uri": f"masonhub.co/simulator/{reference}",
-            "actor_uri": "masonhub.co/simulator",
-            "event_type": status,
-            "quantity": delta,
-            "occured_at": rfc3339(now),  # sic: the spec's spelling
-        }
 
     # --- orders ------------------------------------------------------------------------------
 
@@ -490,10 +489,8 @@ class World:
         if problems:
             raise Invalid(problems)
 
-    def _random_lines(
-        self, fewest: int, most: int, low: int, high: int
-    ) -> list[tuple[str, int]]:
-        skus = self.skus.search_all() if False else list(self.skus.by_cid)  # noqa: SIM108
+    def _random_lines(self, fewest: int, most: int, low: int, high: int) -> list[tuple[str, int]]:
+        skus = list(self.skus.by_cid)
         count = min(len(skus), self.rng.randint(fewest, most))
         return [(sku, self.rng.randint(low, high)) for sku in self.rng.sample(skus, count)]
 
@@ -501,7 +498,11 @@ class World:
         sku = self.skus.by_cid[line.sku_customer_id]
         line.allocated = min(line.quantity, sku.total_available_to_sell)
         missing = line.quantity - line.allocated
-        changes = {"available": -line.allocated, "allocated": line.allocated, "backordered": missing}
+        changes = {
+            "available": -line.allocated,
+            "allocated": line.allocated,
+            "backordered": missing,
+        }
         self._adjust(sku, changes, reference=f"order/{order.customer_identifier}")
 
     def _order_changed(self, order: Order) -> None:
@@ -710,6 +711,7 @@ class World:
             updated_at=now,
         )
         self.inbound_shipments.add(shipment)
+        self._open_inbound.add(shipment.id)
         for line in shipment.lines:
             self._adjust(self.sku(line.customer_sku_id), {"expected": line.quantity}, reference=cid)
         return shipment
@@ -736,6 +738,7 @@ class World:
         elif event == "receivingCompleted":
             self._receive(record, randomize_receipt_qty, randomize_inventory_statuses)
             record.finished_receiving_at = now
+            self._open_inbound.discard(record.id)
         record.version += 1
         record.updated_at = now
         self.inbound_shipments.touched(record)
@@ -773,7 +776,9 @@ class World:
             )
             changes: Counter[str] = Counter({"expected": -line.quantity})
             changes.update(self._statuses(line.received, "available", random_statuses))
-            self._adjust(self.sku(line.customer_sku_id), changes, reference=record.customer_identifier)
+            self._adjust(
+                self.sku(line.customer_sku_id), changes, reference=record.customer_identifier
+            )
 
     def _statuses(self, units: int, default: str, randomize: bool) -> Counter[str]:
         if not randomize:
@@ -807,6 +812,7 @@ class World:
             updated_at=now,
         )
         self.rmas.add(rma)
+        self._open_rmas.add(rma.id)
         for line in rma_lines:
             self._adjust(self.sku(line.customer_sku_id), {"expected": line.quantity}, reference=cid)
         return rma
@@ -845,6 +851,7 @@ class World:
             self._receive_return(record, event, randomize_inventory_statuses)
             record.received_at = now
             status_name = "received"
+            self._open_rmas.discard(record.id)
         record.version += 1
         record.updated_at = now
         self.rmas.touched(record)
@@ -879,7 +886,9 @@ class World:
             landing = RETURN_STATUSES.get(line.return_inventory_status, "quality-control")
             changes: Counter[str] = Counter({"expected": -line.quantity})
             changes.update(self._statuses(line.quantity_received, landing, randomize))
-            self._adjust(self.sku(line.customer_sku_id), changes, reference=record.customer_identifier)
+            self._adjust(
+                self.sku(line.customer_sku_id), changes, reference=record.customer_identifier
+            )
 
     # --- snapshots ---------------------------------------------------------------------------
 
@@ -924,23 +933,19 @@ class World:
         return changes
 
     def _step_inbound(self) -> None:
-        for record in self.inbound_shipments:
-            if record.status != "received":
-                self.advance_inbound(record.id)
-                return
-        self.create_inbound_shipment()
+        if self._open_inbound:
+            self.advance_inbound(self._open_inbound.choice(self.rng))
+        else:
+            self.create_inbound_shipment()
 
     def _step_return(self) -> None:
-        for record in self.rmas:
-            if record.status != "received":
-                self.advance_rma(record.id)
-                return
-        shipped = [o for o in self._sample_orders(5) if o.shipments]
+        if self._open_rmas:
+            self.advance_rma(self._open_rmas.choice(self.rng))
+            return
+        # A few random orders, not a scan: at 100,000 orders a step stays O(1).
+        picks = [self.orders.nth(self.rng.randrange(len(self.orders))) for _ in range(5)]
+        shipped = [o for o in picks if o.shipments] if len(self.orders) else []
         self.create_rma(order=shipped[0].id if shipped else None)
-
-    def _sample_orders(self, count: int) -> list[Order]:
-        records = list(self.orders.by_id.values())
-        return [self.rng.choice(records) for _ in range(min(count, len(records)))]
 
     @property
     def active_orders(self) -> int:
