@@ -230,6 +230,13 @@ def cmd_subscriptions(args: argparse.Namespace) -> int:
     return asyncio.run(run())
 
 
+def cmd_simulate(args: argparse.Namespace) -> int:
+    """Run a simulated MasonHub (API and callbacks) on loopback until SIGINT or SIGTERM."""
+    from syncd.simulator.cli import simulate
+
+    return simulate(args, _settings(args))
+
+
 def _add_events_parser(commands: Any, common: argparse.ArgumentParser) -> None:
     parser = commands.add_parser("events", parents=[common], help=cmd_events.__doc__)
     parser.set_defaults(func=cmd_events)
@@ -274,9 +281,13 @@ def build_parser() -> argparse.ArgumentParser:
         ("run", cmd_run),
         ("migrate", cmd_migrate),
         ("check-config", cmd_check_config),
+        ("simulate", cmd_simulate),
     ):
         sub = commands.add_parser(name, parents=[common], help=(func.__doc__ or "").strip())
         sub.set_defaults(func=func)
+    from syncd.simulator.cli import add_simulate_arguments
+
+    add_simulate_arguments(commands.choices["simulate"])
     _add_events_parser(commands, common)
     status = commands.add_parser("status", parents=[common], help=cmd_status.__doc__)
     status.add_argument("--json", action="store_true", help="the report as JSON")

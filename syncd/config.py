@@ -453,6 +453,16 @@ class _Resolver:
             return self._reference(value, loc)
         return value
 
+    def _expand(self, path: str, loc: Loc) -> str:
+        # file:${CREDENTIALS_DIRECTORY}/erp-token: systemd names the credentials folder.
+        def variable(match: re.Match[str]) -> str:
+            name = match.group(1)
+            if name not in self.environ:
+                raise ConfigError(_dotted(loc), f"environment variable {name} is not set")
+            return self.environ[name]
+
+        return re.sub(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}", variable, path)
+
     def _reference(self, value: str, loc: Loc) -> str:
         kind, _, target = value.partition(":")
         if not target:
@@ -461,6 +471,7 @@ class _Resolver:
             if target not in self.environ:
                 raise ConfigError(_dotted(loc), f"environment variable {target} is not set")
             return self.environ[target]
+        target = self._expand(target, loc)
         try:
             text = Path(target).read_text(encoding="utf-8")
         except OSError as exc:

@@ -525,3 +525,18 @@ def test_callback_token_alone_authenticates() -> None:
     assert settings.webhooks.authenticated
     assert settings.webhooks.callback_token == SecretStr("tok")
     assert startup_problems(settings) == startup_warnings(settings) == []
+
+
+def test_file_reference_expands_credentials_directory(tmp_path: Path) -> None:
+    """file:${CREDENTIALS_DIRECTORY}/name reads systemd's credential; an unset variable is named."""
+    (tmp_path / "erp-token").write_text("cred-token\n")
+    raw = {
+        "webhooks": {"signing_secrets": ["x"]},
+        "erp": {"token": "file:${CREDENTIALS_DIRECTORY}/erp-token"},
+    }
+    settings = settings_from_dict(raw, environ={"CREDENTIALS_DIRECTORY": str(tmp_path)})
+    assert settings.erp.token.get_secret_value() == "cred-token"
+    with pytest.raises(
+        ConfigError, match=r"erp\.token: environment variable CREDENTIALS_DIRECTORY"
+    ):
+        settings_from_dict(raw, environ={})

@@ -35,6 +35,7 @@ from syncd.testing import sign
 #: The guide's retry schedule, in seconds (before ``time_factor``).
 RETRY_DELAYS: Final = (60.0, 300.0, 900.0, 3600.0)
 USER_AGENT: Final = "MasonHub-Simulator/1.0 (syncd)"
+ANSWER_EXCERPT: Final = 500
 
 
 class MessageState(StrEnum):
@@ -120,6 +121,8 @@ class Attempt:
     status: int | None
     error: str | None
     at: float
+    #: The start of the answer's body (for audits: syncd answers {"status": "received"}).
+    answer: str = ""
 
 
 @dataclass
@@ -386,12 +389,13 @@ class CallbackSender:
             headers["Authorization"] = f"Bearer {message.callback.token}"
         status: int | None = None
         error: str | None = None
+        answer = ""
         try:
             async with self._session.post(
                 message.callback.url, data=message.body, headers=headers
             ) as response:
                 status = response.status
-                await response.read()
+                answer = (await response.read())[:ANSWER_EXCERPT].decode(errors="replace")
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             error = type(exc).__name__
         message.responses.append(status if status is not None else str(error))
@@ -406,6 +410,7 @@ class CallbackSender:
                 status,
                 error,
                 asyncio.get_running_loop().time(),
+                answer,
             )
         )
         if status is None:

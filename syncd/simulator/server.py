@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 
 from syncd.simulator.api import BASE_PATH, ApiOptions, create_app
 from syncd.simulator.callbacks import RETRY_DELAYS, Callback, CallbackSender
 from syncd.simulator.world import Clock, World
+
+if TYPE_CHECKING:
+    from aiohttp.test_utils import TestServer
 
 #: A loopback simulator's well-known default, not a secret.
 DEFAULT_TOKEN: Final = "simulator-token"  # noqa: S105
@@ -108,7 +110,7 @@ class Simulator:
         await self.close()
 
 
-ServerFactory = Callable[..., Awaitable[TestServer]]
+ServerFactory = Callable[..., Awaitable["TestServer"]]
 
 
 async def start_simulator(aiohttp_server: ServerFactory, **options: Any) -> Simulator:
