@@ -20,12 +20,13 @@ from datetime import UTC, datetime, timedelta
 
 import structlog
 
+from syncd.batching import Batcher
 from syncd.config import ErpSettings
 from syncd.erp import Delivery, ErpAdapter
 from syncd.errors import DeliveryError, PermanentDeliveryError, StoreUnavailable
 from syncd.merge import stop_task
 from syncd.metrics import Metrics
-from syncd.store import ClaimedDelivery, SqlStore
+from syncd.store import ClaimedDelivery, Completion, SqlStore
 
 log = structlog.get_logger(__name__)
 
@@ -75,6 +76,9 @@ class Deliverer:
         self.owner = owner or f"{socket.gethostname()}:{uuid.uuid4().hex[:8]}"
         self._rng = rng or random.Random()  # noqa: S311 (jitter, not security)
         self._lease = 2 * settings.timeout + LEASE_MARGIN
+        self._completions: Batcher[Completion, None] = Batcher(
+            store.complete_deliveries, name="syncd.delivery.completions"
+        )
         self._wake = asyncio.Event()
         self._stopping = False
         self._in_flight: set[asyncio.Task[None]] = set()
@@ -87,7 +91,8 @@ class Deliverer:
         self._wake.set()
 
     async def start(self) -> None:
-        """Start the dispatcher."""
+        """Start the dispatcher and the writer that records completed deliveries."""
+        await self._completions.start()
         self.task = asyncio.create_task(self._run(), name="syncd.delivery")
 
     async def stop(self, grace: float = 10.0) -> None:
@@ -102,6 +107,7 @@ class Deliverer:
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
+        await self._completions.stop()
         with contextlib.suppress(StoreUnavailable):
             released = await self._store.release_leases(self.owner)
             if released:
@@ -176,10 +182,9 @@ class Deliverer:
             latency_ms=round(result.elapsed * 1000, 3),
             source=claim.source,
         )
+        # Completions from concurrent workers share one transaction.
         await self._record(
-            self._store.complete_delivery(
-                claim, self.owner, started_at=started, status=result.status
-            ),
+            self._completions.submit(Completion(claim, self.owner, started, result.status)),
             claim,
         )
 

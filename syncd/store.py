@@ -364,6 +364,16 @@ class ClaimedDelivery:
 
 
 @dataclass(frozen=True)
+class Completion:
+    """A delivery the ERP accepted, to be recorded."""
+
+    claim: ClaimedDelivery
+    owner: str
+    started_at: datetime
+    status: int
+
+
+@dataclass(frozen=True)
 class EntityRecord:
     """An entity's latest known and last delivered state, with its outbox row if any."""
 
@@ -998,47 +1008,77 @@ class SqlStore:
         self, claim: ClaimedDelivery, owner: str, *, started_at: datetime, status: int
     ) -> None:
         """Record a delivered version; the row is done unless the entity changed meanwhile."""
+        await self.complete_deliveries([Completion(claim, owner, started_at, status)])
+
+    async def complete_deliveries(self, done: Sequence[Completion]) -> list[None]:
+        """Record many delivered versions in one transaction (see complete_delivery).
+
+        A row whose lease another worker holds now (ours expired) is left to that worker.
+        """
         now = datetime.now(UTC)
         async with self._begin() as conn:
             await conn.execute(
-                delivery_attempts.insert().values(
-                    **_attempt_row(claim, owner, started_at, now, "delivered", status, None)
-                )
+                delivery_attempts.insert(),
+                [
+                    _attempt_row(d.claim, d.owner, d.started_at, now, "delivered", d.status, None)
+                    for d in done
+                ],
             )
             await conn.execute(
                 entities.update()
-                .where(entities.c.id == claim.entity_id)
+                .where(entities.c.id == sa.bindparam("b_id"))
                 .values(
-                    delivered_hash=claim.content_hash,
-                    delivered_revision=claim.revision,
+                    delivered_hash=sa.bindparam("b_hash"),
+                    delivered_revision=sa.bindparam("b_revision"),
                     delivered_at=now,
-                )
+                ),
+                [
+                    {
+                        "b_id": d.claim.entity_id,
+                        "b_hash": d.claim.content_hash,
+                        "b_revision": d.claim.revision,
+                    }
+                    for d in done
+                ],
             )
-            row = (
+            current = {
+                row.id: row
+                for row in (
+                    await conn.execute(
+                        sa.select(
+                            outbox.c.id, outbox.c.lease_owner, outbox.c.replay, entities.c.revision
+                        )
+                        .join(entities, entities.c.id == outbox.c.entity_id)
+                        .where(outbox.c.id.in_([d.claim.outbox_id for d in done]))
+                    )
+                ).all()
+            }
+            finished: list[int] = []
+            changed: list[int] = []
+            for d in done:
+                row = current.get(d.claim.outbox_id)
+                if row is None or row.lease_owner != d.owner:
+                    continue
+                unchanged = row.revision == d.claim.revision and row.replay == d.claim.replay
+                (finished if unchanged else changed).append(d.claim.outbox_id)
+            if finished:
+                await conn.execute(outbox.delete().where(outbox.c.id.in_(finished)))
+            if changed:
+                # The entity moved on while its call was in flight: send the new state now.
                 await conn.execute(
-                    sa.select(outbox.c.lease_owner, outbox.c.replay, entities.c.revision)
-                    .join(entities, entities.c.id == outbox.c.entity_id)
-                    .where(outbox.c.id == claim.outbox_id)
+                    outbox.update()
+                    .where(outbox.c.id.in_(changed))
+                    .values(
+                        attempts=0,
+                        next_attempt_at=now,
+                        lease_owner=None,
+                        lease_until=None,
+                        last_status=None,
+                        last_error=None,
+                        updated_at=now,
+                    )
                 )
-            ).first()
-            if row is None or row.lease_owner != owner:
-                return  # our lease expired and another worker owns the row now
-            if row.revision == claim.revision and row.replay == claim.replay:
-                await conn.execute(outbox.delete().where(outbox.c.id == claim.outbox_id))
-                return
-            await conn.execute(
-                outbox.update()
-                .where(outbox.c.id == claim.outbox_id)
-                .values(
-                    attempts=0,
-                    next_attempt_at=now,
-                    lease_owner=None,
-                    lease_until=None,
-                    last_status=None,
-                    last_error=None,
-                    updated_at=now,
-                )
-            )
+        return [None] * len(done)
 
     async def fail_delivery(
         self,

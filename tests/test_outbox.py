@@ -225,3 +225,22 @@ async def test_unforeseen_record_fails_its_message_only(
     [failed] = await store.list_events(state="failed")
     assert failed.message_id == "w"
     assert "cannot normalise: KeyError" in (failed.error or "")
+
+
+async def test_completions_recorded_together(store: SqlStore) -> None:
+    """Several completions in one transaction: unchanged rows finish, a changed one is re-queued,
+    and one whose lease moved to another worker is left alone."""
+    from syncd.store import Completion
+
+    await store.apply_facts([stock(f"B-{n}", 10, 1) for n in range(3)])
+    claims = await store.claim_deliveries("w", 3, 30)
+    await store.apply_facts([stock("B-1", 9, 2)])
+    now = datetime.now(UTC)
+    done = [Completion(c, "w", now, 200) for c in claims]
+    done[2] = Completion(claims[2], "someone-else", now, 200)
+    assert await store.complete_deliveries(done) == [None, None, None]
+    [again] = await store.claim_deliveries("w", 5, 30)
+    assert (again.entity_key, again.revision) == ("B-1", 2)
+    assert await store.outbox_counts() == {"pending": 2}
+    attempts = [a for c in claims for a in await store.attempts_of(c.entity_id)]
+    assert [a.outcome for a in attempts] == ["delivered"] * 3

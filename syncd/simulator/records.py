@@ -435,15 +435,17 @@ class RmaLine:
     not_on_original_rma: bool = False
 
     def record(self) -> dict[str, Any]:
-        return {
-            "customer_order_id": self.customer_order_id,
-            "customer_sku_id": self.customer_sku_id,
-            "quantity": self.quantity,
-            "quantity_received": self.quantity_received,
-            "return_reason_code": self.return_reason_code,
-            "return_inventory_status": self.return_inventory_status,
-            "not_on_original_rma": self.not_on_original_rma,
-        }
+        return _without_none(
+            {
+                "customer_order_id": self.customer_order_id or None,
+                "customer_sku_id": self.customer_sku_id,
+                "quantity": self.quantity,
+                "quantity_received": self.quantity_received,
+                "return_reason_code": self.return_reason_code,
+                "return_inventory_status": self.return_inventory_status,
+                "not_on_original_rma": self.not_on_original_rma,
+            }
+        )
 
 
 @dataclass(slots=True, eq=False)

@@ -371,12 +371,16 @@ class World:
     def create_available(self, sku: str, quantity: int) -> Sku:
         """Units appear as available (data_factory/createAvailable: 0 means 1)."""
         record = self.sku(sku)
+        if quantity < 0:
+            raise Invalid([("quantity", "must not be negative")])
         self._adjust(record, {"available": quantity or 1}, reference="data_factory/createAvailable")
         return record
 
     def lose_inventory(self, sku: str, quantity: int) -> Sku:
         """Available units become lost (data_factory/loseInventory: 0 means 1)."""
         record = self.sku(sku)
+        if quantity < 0:
+            raise Invalid([("quantity", "must not be negative")])
         lost = min(quantity or 1, record.total_available_to_sell)
         self._adjust(record, {"available": -lost, "lost": lost}, reference="data_factory/lose")
         return record
