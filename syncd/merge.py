@@ -89,7 +89,7 @@ def decide(current: Current | None, fact: Fact) -> Decision:
         return Decision(Outcome.APPLIED, fact.version, state, content_hash(state))
     reason = fact.version.older_than(current.version)
     if reason is not None:
-        return Decision(Outcome.STALE, current.version, current.state, current.content_hash, reason)
+        return _stale(current, fact, reason)
     state = merge_state(fact.entity_type, current.state, fact.state)
     version = Version(
         fact.version.rank if fact.version.rank is not None else current.version.rank,
@@ -112,6 +112,23 @@ async def stop_task(task: asyncio.Task[None], grace: float) -> None:
         task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
+
+
+def _stale(current: Current, fact: Fact, reason: str) -> Decision:
+    """An older fact changes nothing, except that an order's shipments it lists are kept.
+
+    Shipments only ever accumulate, so taking them from an older record cannot roll the ERP
+    back, and a tracking number that reached syncd only through a late or polled record
+    (its newer callbacks lost) still makes it to the ERP.
+    """
+    if fact.entity_type == ORDER and fact.state.get("shipments"):
+        state = merge_state(ORDER, current.state, {"shipments": fact.state["shipments"]})
+        digest = content_hash(state)
+        if digest != current.content_hash:
+            return Decision(
+                Outcome.APPLIED, current.version, state, digest, f"{reason}; shipments merged"
+            )
+    return Decision(Outcome.STALE, current.version, current.state, current.content_hash, reason)
 
 
 class Merger:

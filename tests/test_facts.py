@@ -259,3 +259,55 @@ def test_decide_unchanged_when_merge_adds_nothing() -> None:
     state = dict(fact.state)
     current = Current(state, content_hash(state), fact.version, content_hash(state))
     assert decide(current, fact).outcome is Outcome.UNCHANGED
+
+
+def test_older_order_record_still_adds_its_shipments() -> None:
+    """An order record older than what is known adds the shipments it lists, nothing else."""
+    newer = message_facts(
+        "orderEvent",
+        json.dumps(
+            {
+                "message_type": "orderEvent",
+                "data": [
+                    {
+                        "customer_identifier": "X",
+                        "status": "inTransit",
+                        "shipments": [{"shipment_id": "1", "tracking_number": "A"}],
+                    }
+                ],
+            }
+        ).encode(),
+    )[0]
+    older = message_facts(
+        "orderEvent",
+        json.dumps(
+            {
+                "message_type": "orderEvent",
+                "data": [
+                    {
+                        "customer_identifier": "X",
+                        "status": "fulfilled",
+                        "shipments": [{"shipment_id": "2", "tracking_number": "B"}],
+                    }
+                ],
+            }
+        ).encode(),
+    )[0]
+    state = dict(newer.state)
+    current = Current(state, content_hash(state), newer.version, content_hash(state))
+    decision = decide(current, older)
+    assert decision.outcome is Outcome.APPLIED
+    assert decision.reason == "older lifecycle status; shipments merged"
+    assert decision.state["status"] == "in_transit"
+    assert [s["tracking_number"] for s in decision.state["shipments"]] == ["A", "B"]
+    assert decision.version == newer.version
+    packed_late = message_facts(
+        "orderEvent",
+        json.dumps(
+            {
+                "message_type": "orderEvent",
+                "data": [{"customer_identifier": "X", "status": "packed"}],
+            }
+        ).encode(),
+    )[0]
+    assert decide(current, packed_late).outcome is Outcome.STALE
