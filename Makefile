@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 LINT_PATHS := syncd tests alembic $(wildcard bench)
 
-.PHONY: test run lint typecheck services bench-ingest clean
+.PHONY: test run run-daemon lint typecheck services bench-ingest clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,11 +26,17 @@ typecheck: $(STAMP)
 test: $(STAMP) services lint typecheck
 	$(BIN)/pytest
 
+# The whole system on loopback: the simulator, a local ERP and the daemon on SQLite.
 run: $(STAMP)
+	$(BIN)/syncd demo $(DEMO_ARGS)
+
+# The daemon alone with config/syncd.dev.toml (state in ./.state/).
+run-daemon: $(STAMP)
 	bash scripts/dev-run.sh
 
-bench-ingest: $(STAMP)
-	$(BIN)/python bench/ingest.py
+# Needs wrk (apt-get install wrk) and PostgreSQL; BENCH_ARGS=--help lists the knobs.
+bench-ingest: $(STAMP) services
+	$(BIN)/python bench/ingest.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache .state

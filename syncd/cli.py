@@ -149,6 +149,16 @@ def cmd_events(args: argparse.Namespace) -> int:
     return _with_store(args, lambda store: events.replay(store, args.id, args.dead, since))
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    """The whole system on loopback: simulator, local ERP, daemon; exit 0 if they match."""
+    from syncd.demo import run_demo
+
+    if args.orders < 1 or args.duration <= 0:
+        raise UsageError("demo: --orders must be at least 1 and --duration positive")
+    ok = asyncio.run(run_demo(orders=args.orders, duration=args.duration, seed=args.seed))
+    return 0 if ok else 1
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     """Queue depths, dead letters, poll freshness; exit 1 when something needs a person."""
     from syncd import status
@@ -289,6 +299,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_simulate_arguments(commands.choices["simulate"])
     _add_events_parser(commands, common)
+    demo = commands.add_parser("demo", parents=[common], help=cmd_demo.__doc__)
+    demo.add_argument("--orders", type=int, default=200, help="orders to drive (default 200)")
+    demo.add_argument("--duration", type=float, default=60.0, help="seconds of activity at most")
+    demo.add_argument("--seed", type=int, default=1, help="the simulator's seed")
+    demo.set_defaults(func=cmd_demo)
     status = commands.add_parser("status", parents=[common], help=cmd_status.__doc__)
     status.add_argument("--json", action="store_true", help="the report as JSON")
     status.set_defaults(func=cmd_status)
