@@ -301,9 +301,21 @@ def _event_record(
     return key, state, version
 
 
+#: Callback and API names for the same inbound stage; the API's name is kept, so that a
+#: callback and a poll of one receipt compare equal.
+INBOUND_SYNONYMS = {
+    "receiving_started": "in_receiving",
+    "receiving_completed": "received",
+    "receiving_complete": "received",
+}
+
+
 def inbound_shipment_fact(item: Mapping[str, Any], source: str) -> Fact:
     """An inbound shipment (ASN) event or record as a fact."""
     key, state, version = _event_record(item, INBOUND_RANKS, INBOUND_ITEM_FIELDS)
+    status = state.get("status")
+    if status in INBOUND_SYNONYMS:
+        state["status"] = INBOUND_SYNONYMS[status]
     return Fact(INBOUND_SHIPMENT, key, state, version, source)
 
 

@@ -136,7 +136,7 @@ def test_inventory_from_skus_with_counts() -> None:
 def test_inbound_shipment_reads_details() -> None:
     """An inbound completion carries its line items from details; status is snake_cased."""
     state = one(INBOUND_COMPLETE)
-    assert state["status"] == "receiving_completed"
+    assert state["status"] == "received"  # the API's name for the callback's receivingCompleted
     assert state["line_items"] == [
         {"customer_sku_id": "shirt-534212", "quantity": 100, "total_quantity_received": 90}
     ]
@@ -311,3 +311,28 @@ def test_older_order_record_still_adds_its_shipments() -> None:
         ).encode(),
     )[0]
     assert decide(current, packed_late).outcome is Outcome.STALE
+
+
+def test_inbound_callback_and_poll_of_one_receipt_hash_equal() -> None:
+    """receivingCompleted (callback) and received (API) are one state: one ERP call."""
+    from syncd.facts import inbound_shipment_fact
+
+    callback = inbound_shipment_fact(
+        {
+            "id": "i",
+            "customer_identifier": "A",
+            "status": "receivingCompleted",
+            "details": {"line_items": [{"customer_sku_id": "s", "quantity": 1}]},
+        },
+        "webhook",
+    )
+    polled = inbound_shipment_fact(
+        {
+            "id": "i",
+            "customer_identifier": "A",
+            "status": "received",
+            "line_items": [{"customer_sku_id": "s", "quantity": 1}],
+        },
+        "poll",
+    )
+    assert content_hash(callback.state) == content_hash(polled.state)

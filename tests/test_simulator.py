@@ -23,6 +23,7 @@ from aiohttp.test_utils import TestServer
 from syncd.app import STORE, create_app
 from syncd.config import settings_from_dict
 from syncd.facts import content_hash, inventory_fact, order_fact, return_fact
+from syncd.masonhub import MasonHubClient
 from syncd.simulator import (
     Event,
     ManualClock,
@@ -422,12 +423,8 @@ async def test_write_answers_match_the_openapi_schemas(
         schema = response_schema(spec, path, method.lower())
         if schema is not None:
             assert_valid(answer, schema)
-        results = answer[0]["results"]
-        assert (
-            answer[0]["records_submitted"]
-            == len(results)
-            == len(body if isinstance(body, list) else [body])
-        )
+        submitted = body if isinstance(body, list) else [body]
+        assert answer[0]["records_submitted"] == len(answer[0]["results"]) == len(submitted)
 
 
 async def test_errors_match_the_openapi_schemas(
@@ -440,12 +437,9 @@ async def test_errors_match_the_openapi_schemas(
     schema = response_schema(spec, "/orders", "get", "401")
     assert schema is not None
     assert_valid(answer, schema)
-    assert (await call(http, sim, "POST", "/snapshot_request", body={"snapshot_type": "full"}))[
-        0
-    ] == 200
-    status, answer = await call(
-        http, sim, "POST", "/snapshot_request", body={"snapshot_type": "full"}
-    )
+    full = {"snapshot_type": "full"}
+    assert (await call(http, sim, "POST", "/snapshot_request", body=full))[0] == 200
+    status, answer = await call(http, sim, "POST", "/snapshot_request", body=full)
     assert (status, answer["code"]) == (400, 399)
     # The spec lists no 400 for snapshot_request: its shared error_message schema applies.
     assert_valid(answer, to_json_schema(spec["components"]["schemas"]["error_message"], spec))
@@ -848,6 +842,29 @@ async def test_every_endpoint_needs_the_bearer_token(
         assert "token" in answer["message"]
 
 
+async def test_syncd_masonhub_client_reads_the_simulator(make_sim: SimFactory) -> None:
+    """syncd's own MasonHub client pages through orders, SKUs and snapshots of the simulator."""
+    sim = await make_sim(wrap_responses=True)
+    orders = sim.world.create_orders(45)
+    settings = settings_from_dict(
+        {"masonhub": {"base_url": sim.base_url, "token": TOKEN, "page_size": 20}}, environ={}
+    )
+    client = MasonHubClient(settings.masonhub)
+    try:
+        read = [record["id"] async for record in client.orders()]
+        since = [r["id"] async for r in client.orders(since=orders[40].updated_at)]
+        skus = [record async for record in client.skus()]
+        snapshots = [
+            r async for r in client.sku_snapshots([s["customer_identifier"] for s in skus])
+        ]
+    finally:
+        await client.close()
+    assert read == [o.id for o in orders]
+    assert since == [o.id for o in orders[40:]]
+    assert len(skus) == len(snapshots) == 20
+    assert all("inventory_counts" in s for s in skus)
+
+
 # --- the world ----------------------------------------------------------------------------------
 
 
@@ -1084,13 +1101,13 @@ async def test_a_snapshot_is_announced_and_downloadable(
     sim = await make_sim(snapshot_delay=0.01)
     receiver, url = await make_receiver()
     sim.register_callback(url, "snapshotReady")
-    assert (await call(http, sim, "POST", "/snapshot_request", body={"snapshot_type": "x"}))[
-        0
-    ] == 400
+    status, _answer = await call(
+        http, sim, "POST", "/snapshot_request", body={"snapshot_type": "x"}
+    )
+    assert status == 400
     _s, answer = await call(http, sim, "POST", "/snapshot_request", body={"snapshot_type": "full"})
     assert answer[0]["results"][0]["status"] == "success"
-    await asyncio.sleep(0.05)  # the snapshot's preparation
-    await sim.sender.wait_idle()
+    await sim.wait_idle()
     [envelope] = receiver.envelopes
     ready = envelope["data"]
     assert set(ready) == {"snapshot_id", "download_url", "snapshot_type", "requested_at"}

@@ -277,6 +277,11 @@ class MasonHubApi:
             post(f"{base}/data_factory/rmaEvent", self.rma_event),
         ]
 
+    async def settle(self) -> None:
+        """Wait for the snapshots being prepared to be ready."""
+        if self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
     async def close(self) -> None:
         """Abandon snapshots still being prepared."""
         for task in list(self._tasks):

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Final
 
 from aiohttp import web
 
-from syncd.simulator.api import BASE_PATH, ApiOptions, create_app
+from syncd.simulator.api import BASE_PATH, SIM_API, ApiOptions, MasonHubApi, create_app
 from syncd.simulator.callbacks import RETRY_DELAYS, Callback, CallbackSender
 from syncd.simulator.world import Clock, World
 
@@ -70,6 +71,7 @@ class Simulator:
         )
         options = ApiOptions(token, wrap_responses=wrap_responses, snapshot_delay=snapshot_delay)
         self.app = create_app(self.world, self.sender, options)
+        self.api: MasonHubApi = self.app[SIM_API]
         #: ``http://HOST:PORT/api/v1`` once serving.
         self.base_url = ""
         self._runner: web.AppRunner | None = None
@@ -84,6 +86,12 @@ class Simulator:
     ) -> Callback:
         """Register a callback, as ``POST /callbacks`` would."""
         return self.sender.register(url, message_type, api_version=api_version, token=token)
+
+    async def wait_idle(self, within: float = 10.0) -> None:
+        """Wait until requested snapshots are ready and no callback is in flight or retrying."""
+        async with asyncio.timeout(within):
+            await self.api.settle()
+            await self.sender.wait_idle(within)
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
         """Serve on ``host:port`` (0: an ephemeral port); returns the base URL."""
