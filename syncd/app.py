@@ -116,7 +116,17 @@ def create_app(
     app[SUPERVISOR] = supervisor = Supervisor()
     erp = adapter or load_adapter(settings.erp)
     app[DELIVERER] = deliverer = Deliverer(store, erp, settings.erp, metrics=metrics)
-    app[MERGER] = merger = Merger(store, on_queued=deliverer.notify)
+    masonhub = MasonHubClient(settings.masonhub)
+    poller = Poller(store, masonhub, settings, on_queued=deliverer.notify, metrics=metrics)
+    snapshots: set[asyncio.Task[None]] = set()
+
+    def on_snapshot(url: str) -> None:
+        # Imported in the background: the merge loop must not wait for a large download.
+        task = asyncio.create_task(_import_snapshot(poller, url), name="syncd.snapshot")
+        snapshots.add(task)
+        task.add_done_callback(snapshots.discard)
+
+    app[MERGER] = merger = Merger(store, on_queued=deliverer.notify, on_snapshot=on_snapshot)
     committer = GroupCommitter(store, on_commit=merger.notify)
     app[RECEIVER] = WebhookReceiver(settings, store, committer, metrics)
     add_routes(app, settings, app[RECEIVER])
@@ -153,8 +163,6 @@ def create_app(
     # Jobs come from config at every start; their progress lives in our tables, so the
     # scheduler keeps no job store of its own.
     scheduler = app[SCHEDULER] = AsyncIOScheduler(timezone=UTC)
-    masonhub = MasonHubClient(settings.masonhub)
-    poller = Poller(store, masonhub, settings, on_queued=deliverer.notify, metrics=metrics)
     app[POLLS] = polls = PollScheduler(poller, store, settings, deliverer.owner)
 
     async def scheduler_ctx(_app: web.Application) -> AsyncIterator[None]:
@@ -180,6 +188,13 @@ def create_app(
 
     app.cleanup_ctx.extend([store_ctx, committer_ctx, pipeline_ctx, scheduler_ctx])
     return app
+
+
+async def _import_snapshot(poller: Poller, url: str) -> None:
+    try:
+        await poller.import_snapshot(url)
+    except SyncdError as exc:
+        log.warning("snapshot.import_failed", error=exc.message)
 
 
 async def metrics_endpoint(request: web.Request) -> web.Response:

@@ -393,6 +393,19 @@ def message_facts(message_type: str, body: bytes, source: str = "webhook") -> li
     return facts
 
 
+def snapshot_url(body: bytes) -> str | None:
+    """The download_url a stored snapshotReady message announces, if it has one."""
+    try:
+        document = json.loads(body)
+        data = document.get("data") if isinstance(document, Mapping) else None
+        if isinstance(data, str):
+            data = json.loads(data)
+    except ValueError:
+        return None
+    url = data.get("download_url") if isinstance(data, Mapping) else None
+    return url if isinstance(url, str) and url.startswith(("http://", "https://")) else None
+
+
 def _legacy_fact(message_type: str, event: Mapping[str, Any], source: str) -> Fact:
     verb = str(event["event_type"]).partition(".")[2]
     if message_type == "orderEvent":

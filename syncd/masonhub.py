@@ -225,9 +225,28 @@ class MasonHubClient:
         """Ask for a full inventory snapshot; MasonHub answers later with snapshotReady."""
         return await self.request("POST", "/snapshot_request", body={"snapshot_type": "full"})
 
-    async def download(self, url: str) -> list[Any]:
-        """A snapshot file (``download_url``), with our bearer token."""
-        return _records(await self.request("GET", "", url=url))
+    async def download(self, url: str) -> AsyncIterator[dict[str, Any]]:
+        """The records of a snapshot file (``download_url``), parsed as they stream in.
+
+        The file is a JSON array (or ``{"data": [...]}``) of SKU snapshots; it is read in
+        chunks and each record is yielded as soon as it is complete, so memory holds one
+        record at a time however large the file is.
+        """
+        try:
+            async with self._session_now().get(url) as response:
+                if response.status >= 400:
+                    raw = await response.read()
+                    _answer("GET", url, response.status, raw, None)
+                parser = JsonArrayStream()
+                async for chunk in response.content.iter_chunked(65536):
+                    for record in parser.feed(chunk):
+                        if isinstance(record, dict):
+                            yield record
+                parser.close()
+        except TimeoutError as exc:
+            raise MasonHubUnavailable(f"MasonHub timed out: GET {_path(url)}") from exc
+        except aiohttp.ClientError as exc:
+            raise MasonHubUnavailable(f"cannot reach MasonHub: {exc}") from exc
 
     async def callbacks(self, message_type: str | None = None) -> list[dict[str, Any]]:
         """Registered callbacks."""
@@ -245,6 +264,64 @@ class MasonHubClient:
     async def delete_callbacks(self, ids: Sequence[str]) -> Any:
         """Remove callbacks by id (at most 30 per call)."""
         return [await self.request("DELETE", "/callbacks", body=batch) for batch in batched(ids)]
+
+
+class JsonArrayStream:
+    """Incremental parser of a JSON array of objects (bare, or under a top-level "data")."""
+
+    def __init__(self) -> None:
+        self._decoder = json.JSONDecoder()
+        self._text = ""
+        self._pending = b""
+        self._started = False
+        self._done = False
+
+    def feed(self, chunk: bytes) -> list[Any]:
+        """The records completed by ``chunk``."""
+        data = self._pending + chunk
+        try:
+            self._text += data.decode("utf-8")
+            self._pending = b""
+        except UnicodeDecodeError as exc:  # a character split between chunks
+            self._text += data[: exc.start].decode("utf-8")
+            self._pending = data[exc.start :]
+        records = []
+        while (record := self._next()) is not None:
+            records.append(record)
+        return records
+
+    def close(self) -> None:
+        """Raise MasonHubError unless the array was complete."""
+        if not self._done:
+            raise MasonHubError("the snapshot file ended before its JSON array did")
+
+    def _skip(self) -> None:
+        self._text = self._text.lstrip(" \t\r\n,")
+
+    def _start(self) -> bool:
+        self._skip()
+        if self._text.startswith("{") and '"data"' not in self._text[:200]:
+            return False  # wait for more: a wrapper object's "data" key may follow
+        start = self._text.find("[")
+        if start < 0:
+            return False
+        self._text = self._text[start + 1 :]
+        self._started = True
+        return True
+
+    def _next(self) -> Any:
+        if self._done or (not self._started and not self._start()):
+            return None
+        self._skip()
+        if self._text.startswith("]"):
+            self._done = True
+            return None
+        try:
+            record, end = self._decoder.raw_decode(self._text)
+        except ValueError:
+            return None  # incomplete: wait for the next chunk
+        self._text = self._text[end:]
+        return record
 
 
 def _window(

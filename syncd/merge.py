@@ -139,11 +139,13 @@ class Merger:
         store: Any,
         *,
         on_queued: Any = None,
+        on_snapshot: Any = None,
         batch: int = 200,
         idle_poll: float = 1.0,
     ) -> None:
         self._store = store
         self._on_queued = on_queued
+        self._on_snapshot = on_snapshot
         self._batch = batch
         self._idle_poll = idle_poll
         self._wake = asyncio.Event()
@@ -177,6 +179,9 @@ class Merger:
             total += int(result.messages)
             if result.queued and self._on_queued is not None:
                 self._on_queued()
+            if self._on_snapshot is not None:
+                for url in result.snapshots:
+                    self._on_snapshot(url)
             if result.messages < self._batch:
                 return total
 

@@ -105,6 +105,7 @@ class Poller:
         self._metrics = metrics or Metrics()
         self._store = store
         self._client = client
+        self.client = client
         self.settings = settings
         self._on_queued = on_queued
 
@@ -141,10 +142,7 @@ class Poller:
         clock = time.monotonic()
         reader, normalise = READERS[job]
         try:
-            async for page in _pages(reader(self._client, since), self._client.page_size):
-                await self._merge_page(report, page, normalise, kind)
-                if progress is not None:
-                    progress(report)
+            await self._merge_stream(report, reader(self._client, since), normalise, kind, progress)
         except SyncdError as exc:
             report.seconds = time.monotonic() - clock
             self._observe(report, ok=False)
@@ -156,6 +154,39 @@ class Poller:
         await self._store.record_run(job, kind, started, report.as_dict(), None)
         log.info("poll.finished", **report.as_dict())
         return report
+
+    async def import_snapshot(self, url: str) -> PassReport:
+        """Merge a full inventory snapshot (announced by snapshotReady) SKU by SKU."""
+        started = datetime.now(UTC)
+        report = PassReport(job="inventory", kind="snapshot")
+        clock = time.monotonic()
+        try:
+            await self._merge_stream(report, self._client.download(url), inventory_fact, "poll")
+        except SyncdError as exc:
+            report.seconds = time.monotonic() - clock
+            self._observe(report, ok=False)
+            await self._store.record_run(
+                "inventory", "snapshot", started, report.as_dict(), exc.message
+            )
+            raise PassFailed(f"snapshot import failed: {exc.message}") from exc
+        report.seconds = time.monotonic() - clock
+        self._observe(report, ok=True)
+        await self._store.record_run("inventory", "snapshot", started, report.as_dict(), None)
+        log.info("snapshot.imported", **report.as_dict())
+        return report
+
+    async def _merge_stream(
+        self,
+        report: PassReport,
+        records: AsyncIterator[dict[str, Any]],
+        normalise: Normaliser,
+        kind: str,
+        progress: ProgressCallback | None = None,
+    ) -> None:
+        async for page in _pages(records, self._client.page_size):
+            await self._merge_page(report, page, normalise, kind)
+            if progress is not None:
+                progress(report)
 
     def _observe(self, report: PassReport, *, ok: bool) -> None:
         metrics = self._metrics
@@ -341,7 +372,11 @@ class PollScheduler:
             self.last_run[job] = time.monotonic()
 
     async def reconcile_all(self) -> None:
-        """The nightly full pass over every job, if this instance leads."""
+        """The nightly full pass over every job, if this instance leads.
+
+        With snapshotReady subscribed it also asks MasonHub for a full inventory snapshot,
+        which arrives later by callback and is merged like any poll.
+        """
         for job in JOBS:
             if not await self.renew_lease():
                 return
@@ -349,3 +384,8 @@ class PollScheduler:
                 await self._poller.reconcile(job)
             except SyncdError as exc:
                 log.warning("reconcile.pass_failed", job=job, error=exc.message)
+        if "snapshotReady" in self._settings.webhooks.subscriptions:
+            try:
+                await self._poller.client.request_snapshot()
+            except SyncdError as exc:
+                log.warning("snapshot.request_failed", error=exc.message)

@@ -24,7 +24,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from syncd.errors import SchemaMismatch, StoreUnavailable
-from syncd.facts import Fact, NormalisationError, Version, message_facts
+from syncd.facts import Fact, NormalisationError, Version, message_facts, snapshot_url
 from syncd.merge import Current, Decision, Outcome, decide
 
 T = TypeVar("T")
@@ -339,6 +339,8 @@ class ProcessResult:
     failed: int = 0
     queued: int = 0
     decisions: tuple[Decision, ...] = ()
+    #: download_url of each snapshotReady message processed.
+    snapshots: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -740,6 +742,12 @@ class SqlStore:
                 return ProcessResult()
             items: list[tuple[int | None, Fact]] = []
             failed: dict[int, str] = {}
+            snapshots = [
+                url
+                for row in rows
+                if row.message_type == "snapshotReady"
+                and (url := snapshot_url(bytes(row.body))) is not None
+            ]
             for row in rows:
                 try:
                     items.extend(
@@ -767,7 +775,9 @@ class SqlStore:
                     .where(inbox.c.id == message_id)
                     .values(state=InboxState.FAILED.value, error=error, processed_at=now)
                 )
-        return ProcessResult(len(rows), len(items), len(failed), queued, tuple(decisions))
+        return ProcessResult(
+            len(rows), len(items), len(failed), queued, tuple(decisions), tuple(snapshots)
+        )
 
     async def apply_facts(
         self, items: Sequence[Fact], *, record: bool = True, record_unchanged: bool = True

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -143,3 +144,32 @@ async def test_ids_in_batches_of_30(client: MasonHubClient, mocked: aioresponses
     assert [len(batch) for batch in sent] == [30, 30, 5]
     assert [c for batch in sent for c in batch] == cids
     assert list(batched(["a", "b", "c"], 2)) == [["a", "b"], ["c"]]
+
+
+@pytest.mark.parametrize("size", [1, 3, 7, 64, 100_000])
+def test_json_array_stream_any_chunking(size: int) -> None:
+    """Records are yielded whole however the bytes are split, UTF-8 characters included."""
+    from syncd.masonhub import JsonArrayStream
+
+    records = [
+        {"customer_identifier": f"sku-é-{i}", "total_units": i, "nested": {"a": [1, 2]}}
+        for i in range(20)
+    ]
+    for document in (records, {"limit": 100, "data": records}):
+        raw = json.dumps(document, ensure_ascii=False).encode()
+        parser = JsonArrayStream()
+        got = [
+            r for start in range(0, len(raw), size) for r in parser.feed(raw[start : start + size])
+        ]
+        parser.close()
+        assert got == records
+
+
+def test_json_array_stream_truncated() -> None:
+    """A file that ends inside its array is an error, not a silent partial import."""
+    from syncd.masonhub import JsonArrayStream
+
+    parser = JsonArrayStream()
+    assert parser.feed(b'[{"a": 1}, {"b"') == [{"a": 1}]
+    with pytest.raises(MasonHubError, match="ended before"):
+        parser.close()
