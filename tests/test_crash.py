@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -13,7 +12,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from syncd.testing import ErpCall, LocalErp, dumps, envelope, sign
-from tests.test_cli import ROOT, free_port
+from tests.test_cli import free_port
+from tests.test_service import start, wait_ready
 
 SECRET = "crash-test-secret"
 
@@ -45,29 +45,14 @@ backoff_max = "1s"
 
 
 async def start_syncd(config: Path, port: int, log: Path) -> asyncio.subprocess.Process:
-    with log.open("a") as out:  # the child keeps its own copy of the descriptor
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "syncd",
-            "run",
-            "--config",
-            str(config),
-            stdout=out,
-            stderr=asyncio.subprocess.STDOUT,
-            cwd=ROOT,
-        )
-    async with aiohttp.ClientSession() as session:
-        for _ in range(300):
-            try:
-                async with session.get(f"http://127.0.0.1:{port + 1}/readyz") as response:
-                    if response.status == 200:
-                        return process
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.05)
-    process.kill()
-    raise AssertionError("syncd did not start; see " + str(log))
+    """`syncd run` as a child process, once its admin listener (port + 1) says ready."""
+    process = await start(config, log)
+    try:
+        await wait_ready(port + 1)
+    except AssertionError:
+        process.kill()
+        raise
+    return process
 
 
 async def test_kill_during_delivery_then_restart(
