@@ -11,6 +11,7 @@ from typing import Any
 import structlog
 from aiohttp import web
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from yarl import URL
 
 from syncd.config import Settings
 from syncd.delivery import Deliverer
@@ -21,7 +22,7 @@ from syncd.masonhub import MasonHubClient
 from syncd.merge import Merger
 from syncd.metrics import Metrics
 from syncd.notify import Notifier
-from syncd.poller import Poller, PollScheduler
+from syncd.poller import Poller, PollScheduler, polling_problem
 from syncd.receiver import WebhookReceiver, add_routes
 from syncd.store import SqlStore
 
@@ -121,6 +122,10 @@ def create_app(
     snapshots: set[asyncio.Task[None]] = set()
 
     def on_snapshot(url: str) -> None:
+        problem = snapshot_problem(settings, url)
+        if problem is not None:
+            log.warning("snapshot.ignored", reason=problem)
+            return
         # Imported in the background: the merge loop must not wait for a large download.
         task = asyncio.create_task(_import_snapshot(poller, url), name="syncd.snapshot")
         snapshots.add(task)
@@ -184,10 +189,28 @@ def create_app(
             # Jobs in progress are abandoned between pages: every page commits whole and a
             # cursor moves only after a complete pass, so nothing is half-recorded.
             scheduler.shutdown(wait=False)
+            for task in list(snapshots):
+                task.cancel()
+            await asyncio.gather(*snapshots, return_exceptions=True)
             await masonhub.close()
 
     app.cleanup_ctx.extend([store_ctx, committer_ctx, pipeline_ctx, scheduler_ctx])
     return app
+
+
+def snapshot_problem(settings: Settings, url: str) -> str | None:
+    """Why a snapshotReady download_url must not be fetched, or None.
+
+    The download carries our MasonHub token, so it goes only to MasonHub's own origin: a
+    callback naming any other host would otherwise hand the token to it.
+    """
+    problem = polling_problem(settings)
+    if problem is not None:
+        return problem
+    base, target = URL(settings.masonhub.base_url), URL(url)
+    if (target.scheme, target.host, target.port) != (base.scheme, base.host, base.port):
+        return f"download_url is not on masonhub.base_url's host ({target.host})"
+    return None
 
 
 async def _import_snapshot(poller: Poller, url: str) -> None:

@@ -477,3 +477,20 @@ async def test_sighup_reloads_subscriptions(tmp_path: Path) -> None:
     restart = [e["key"] for e in events if e["event"] == "config.restart_required"]
     assert restart == ["erp.timeout"]
     assert any(e["event"] == "config.reloaded" for e in events)
+
+
+def test_snapshot_download_only_from_masonhub() -> None:
+    """A snapshotReady download_url on another host is refused: the token must not leak."""
+    from syncd.app import snapshot_problem
+
+    settings = make_settings(
+        masonhub={"base_url": "https://app.masonhub.co/acct/api/v1", "token": "t"}
+    )
+    ok = "https://app.masonhub.co/acct/api/v1/snapshot_download/1.json"
+    assert snapshot_problem(settings, ok) is None
+    assert "not on masonhub.base_url's host" in (
+        snapshot_problem(settings, "https://evil.example/steal.json") or ""
+    )
+    assert snapshot_problem(settings, "http://app.masonhub.co/acct/x.json") is not None
+    unconfigured = make_settings()
+    assert "ACCOUNT placeholder" in (snapshot_problem(unconfigured, ok) or "")
