@@ -831,7 +831,7 @@ class SqlStore:
             entity = known.get(key)
             decision = decide(None if entity is None else entity.current(), fact)
             decisions.append(decision)
-            if decision.outcome is not Outcome.STALE:
+            if _changes_row(entity, decision):
                 entity = await self._save_entity(conn, entity, fact, decision, now)
                 known[key] = entity
             if decision.outcome is Outcome.APPLIED and entity is not None:
@@ -1563,6 +1563,16 @@ def _with_no_outbox(row: sa.Row[Any]) -> Any:
         }
 
     return _Row()
+
+
+def _changes_row(entity: EntityRecord | None, decision: Decision) -> bool:
+    """Whether a decision writes the entity row: a nightly pass that finds everything as it
+    was (same state, same version) must not rewrite every row it reads."""
+    if decision.outcome is Outcome.STALE:
+        return False
+    if decision.outcome is Outcome.APPLIED or entity is None:
+        return True
+    return decision.version != entity.version or dict(decision.state) != entity.state
 
 
 def _fact_row(
