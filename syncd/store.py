@@ -583,6 +583,11 @@ class SqlStore:
         self.engine = create_engine(url)
         self.dialect = self.engine.dialect.name
         self._write_lock = asyncio.Lock() if self.dialect == "sqlite" else None
+        self._add_message = (
+            _insert(self.dialect, inbox)
+            .on_conflict_do_nothing(index_elements=["dedupe_key"])
+            .returning(inbox.c.dedupe_key)
+        )
 
     @asynccontextmanager
     async def _begin(self) -> AsyncIterator[AsyncConnection]:
@@ -613,16 +618,12 @@ class SqlStore:
         for index, message in enumerate(messages):
             first.setdefault(message.dedupe_key, index)
         rows = [_message_row(messages[i]) for i in first.values()]
-        inserted: set[str] = set()
         async with self._begin() as conn:
-            for start in range(0, len(rows), INSERT_CHUNK):
-                stmt = (
-                    _insert(self.dialect, inbox)
-                    .values(rows[start : start + INSERT_CHUNK])
-                    .on_conflict_do_nothing(index_elements=["dedupe_key"])
-                    .returning(inbox.c.dedupe_key)
-                )
-                inserted.update((await conn.execute(stmt)).scalars())
+            # One constant statement, executed for many rows: SQLAlchemy caches its
+            # compilation and batches the rows itself ("insertmanyvalues"), where building
+            # .values(rows) anew for every commit recompiled it each time.
+            result = await conn.execute(self._add_message, rows)
+            inserted = set(result.scalars())
         return [
             first[m.dedupe_key] == i and m.dedupe_key in inserted for i, m in enumerate(messages)
         ]
