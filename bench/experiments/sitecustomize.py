@@ -1,0 +1,132 @@
+"""Experiments for bench/ingest.py: patches applied to syncd in the daemon, never in syncd/.
+
+``bench/ingest.py --patch NAME[,NAME]`` puts this directory first on the daemon's PYTHONPATH
+and names the patches in ``SYNCD_BENCH_PATCHES``; Python imports this module at start-up.
+They reach into syncd's internals as of the revision bench/RESULTS.md names; a patch
+that no longer fits makes the daemon fail to start, loudly.
+Results measured with a patch are marked EXPERIMENT in the report.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+
+def ingest_only() -> None:
+    """The merge loop finds nothing to merge, so deliveries never start: only receiving and
+    the group commit use the CPU (both loops still tick, so the daemon stays healthy)."""
+    from syncd import store
+
+    async def process_inbox(_self: Any, *_args: Any, **_kwargs: Any) -> Any:
+        return store.ProcessResult()
+
+    store.SqlStore.process_inbox = process_inbox
+
+
+def executemany() -> None:
+    """The inbox INSERT as one constant, cached statement with executemany parameters."""
+    from syncd import store
+
+    async def add_messages(self: Any, messages: Sequence[Any]) -> list[bool]:
+        first: dict[str, int] = {}
+        for index, message in enumerate(messages):
+            first.setdefault(message.dedupe_key, index)
+        rows = [store._message_row(messages[i]) for i in first.values()]
+        stmt = self.__dict__.get("_bench_insert")
+        if stmt is None:
+            stmt = self.__dict__["_bench_insert"] = (
+                store._insert(self.dialect, store.inbox)
+                .on_conflict_do_nothing(index_elements=["dedupe_key"])
+                .returning(store.inbox.c.dedupe_key)
+            )
+        async with self._begin() as conn:
+            inserted = set((await conn.execute(stmt, rows)).scalars())
+        return [
+            first[m.dedupe_key] == i and m.dedupe_key in inserted for i, m in enumerate(messages)
+        ]
+
+    store.SqlStore.add_messages = add_messages
+
+
+def locktrace() -> None:
+    """Every 5 s, log per task how long SQLite writers waited for and held the write lock."""
+    import asyncio
+    import contextlib
+    import json
+    import re
+    import sys
+    import time
+    from collections import defaultdict
+
+    from syncd import store
+
+    stats: dict[str, list[float]] = defaultdict(lambda: [0, 0.0, 0.0, 0.0, 0.0])
+
+    def who() -> str:
+        task = asyncio.current_task()
+        name = task.get_name() if task else "?"
+        if name.startswith("Task-") and task is not None:
+            name = getattr(task.get_coro(), "__qualname__", name)
+        return re.sub(r"\.\d+$", ".*", name)
+
+    async def dump() -> None:
+        while True:
+            await asyncio.sleep(5)
+            rows = {
+                k: {
+                    "n": int(n),
+                    "wait_ms_mean": round(1000 * w / n, 2),
+                    "wait_ms_max": round(1000 * wm, 1),
+                    "hold_ms_mean": round(1000 * h / n, 2),
+                    "hold_ms_max": round(1000 * hm, 1),
+                }
+                for k, (n, w, wm, h, hm) in stats.items()
+            }
+            sys.stdout.write(json.dumps({"event": "bench.locktrace", "writers": rows}) + "\n")
+            sys.stdout.flush()
+
+    dumper: list[asyncio.Task[None]] = []
+
+    @contextlib.asynccontextmanager
+    async def _begin(self: Any) -> Any:
+        if not dumper:
+            dumper.append(asyncio.get_running_loop().create_task(dump()))
+        lock = self._write_lock or contextlib.nullcontext()
+        asked = time.perf_counter()
+        async with lock:
+            got = time.perf_counter()
+            try:
+                async with self.engine.begin() as conn:
+                    yield conn
+            except store._UNAVAILABLE as exc:
+                raise store.StoreUnavailable(f"event store unavailable: {exc!r}") from exc
+            finally:
+                row = stats[who()]
+                wait, hold = got - asked, time.perf_counter() - got
+                row[0] += 1
+                row[1] += wait
+                row[2] = max(row[2], wait)
+                row[3] += hold
+                row[4] = max(row[4], hold)
+
+    store.SqlStore._begin = _begin
+
+
+def sqllog() -> None:
+    """SQLAlchemy logs every statement and its cache use ([generated], [cached since], [no key])."""
+    import logging
+
+    logging.getLogger("sqlalchemy.engine.Engine").setLevel(logging.INFO)
+
+
+PATCHES: dict[str, Callable[[], None]] = {
+    "ingest-only": ingest_only,
+    "executemany": executemany,
+    "locktrace": locktrace,
+    "sqllog": sqllog,
+}
+
+for _name in filter(None, os.environ.get("SYNCD_BENCH_PATCHES", "").split(",")):
+    PATCHES[_name]()
