@@ -12,7 +12,7 @@ import contextlib
 import enum
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -822,97 +822,104 @@ class SqlStore:
         record: bool,
         record_unchanged: bool = True,
     ) -> tuple[list[Decision], int]:
+        """Decide every fact in memory, in order, then write the batch in a few statements.
+
+        Per entity the facts are folded one after another exactly as if merged one by one;
+        only the end state is written: new entities in one INSERT, changed ones in one
+        executemany UPDATE, outbox rows and facts likewise. A batch touching thousands of
+        entities costs a handful of round trips instead of several per fact.
+        """
         known = await self._load_entities(conn, {(f.entity_type, f.entity_key) for _, f in items})
         now = datetime.now(UTC)
+        work: dict[tuple[str, str], _Pending] = {}
         decisions: list[Decision] = []
-        fact_rows: list[dict[str, Any]] = []
-        queued = 0
+        recorded: list[tuple[int | None, Fact, Decision]] = []
         for inbox_id, fact in items:
             key = (fact.entity_type, fact.entity_key)
-            entity = known.get(key)
-            decision = decide(None if entity is None else entity.current(), fact)
+            pending = work.get(key) or _Pending(known.get(key))
+            decision = decide(pending.current(), fact)
             decisions.append(decision)
-            if _changes_row(entity, decision):
-                entity = await self._save_entity(conn, entity, fact, decision, now)
-                known[key] = entity
-            if decision.outcome is Outcome.APPLIED and entity is not None:
-                entity, added = await self._queue(conn, entity, now)
-                known[key] = entity
-                queued += added
-            assert entity is not None
+            if _changes_row(pending, decision):
+                pending.fold(fact, decision)
+                work[key] = pending
             if record and (record_unchanged or decision.outcome is Outcome.APPLIED):
-                fact_rows.append(_fact_row(inbox_id, entity.id, fact, decision, now))
-        if fact_rows:
-            await conn.execute(facts.insert(), fact_rows)
+                work.setdefault(key, pending)
+                recorded.append((inbox_id, fact, decision))
+        ids = await self._write_entities(conn, work, now)
+        queued = await self._queue_all(conn, work, ids, now)
+        if recorded:
+            await conn.execute(
+                facts.insert(),
+                [
+                    _fact_row(inbox_id, ids[(f.entity_type, f.entity_key)], f, d, now)
+                    for inbox_id, f, d in recorded
+                ],
+            )
         return decisions, queued
 
-    async def _save_entity(
+    async def _write_entities(
+        self, conn: AsyncConnection, work: Mapping[tuple[str, str], _Pending], now: datetime
+    ) -> dict[tuple[str, str], int]:
+        """Insert new and update changed entities; the id of every entity in ``work``."""
+        ids = {key: p.entity.id for key, p in work.items() if p.entity is not None}
+        fresh = [p.row(key, now) for key, p in work.items() if p.entity is None and p.folded]
+        if fresh:
+            stmt = entities.insert().returning(
+                entities.c.id, entities.c.entity_type, entities.c.entity_key
+            )
+            for row in (await conn.execute(stmt, fresh)).all():
+                ids[(row.entity_type, row.entity_key)] = row.id
+        changed = [
+            {"b_id": p.entity.id, **{f"b_{c}": p.row(key, now)[c] for c in _ENTITY_WRITE_COLUMNS}}
+            for key, p in work.items()
+            if p.entity is not None and p.folded
+        ]
+        if changed:
+            update = (
+                entities.update()
+                .where(entities.c.id == sa.bindparam("b_id"))
+                .values({c: sa.bindparam(f"b_{c}") for c in _ENTITY_WRITE_COLUMNS})
+            )
+            await conn.execute(update, changed)
+        return ids
+
+    async def _queue_all(
         self,
         conn: AsyncConnection,
-        entity: EntityRecord | None,
-        fact: Fact,
-        decision: Decision,
+        work: Mapping[tuple[str, str], _Pending],
+        ids: Mapping[tuple[str, str], int],
         now: datetime,
-    ) -> EntityRecord:
-        values: dict[str, Any] = {
-            "state": dict(decision.state),
-            "content_hash": decision.content_hash,
-            "version_rank": decision.version.rank,
-            "version_ts": decision.version.timestamp,
-            "updated_at": now,
-        }
-        if decision.outcome is Outcome.APPLIED:
-            values["source"] = fact.source
-            values["revision"] = (entity.revision if entity else 0) + 1
-        if entity is None:
-            values.update(
-                entity_type=fact.entity_type,
-                entity_key=fact.entity_key,
-                replays=0,
-            )
-            result = await conn.execute(entities.insert().values(**values).returning(*entities.c))
-            return EntityRecord.from_row(_with_no_outbox(result.one()))
-        await conn.execute(entities.update().where(entities.c.id == entity.id).values(**values))
-        return replace(
-            entity,
-            state=values["state"],
-            content_hash=decision.content_hash,
-            version=decision.version,
-            source=values.get("source", entity.source),
-            revision=values.get("revision", entity.revision),
-            updated_at=now,
-        )
+    ) -> int:
+        """Make sure each changed entity's latest state is on its way to the ERP.
 
-    async def _queue(
-        self, conn: AsyncConnection, entity: EntityRecord, now: datetime
-    ) -> tuple[EntityRecord, int]:
-        """Make sure the entity's latest state is on its way to the ERP; 1 if newly queued."""
-        needs = entity.content_hash != entity.delivered_hash
-        if entity.outbox_id is None:
-            if not needs:
-                return entity, 0
-            result = await conn.execute(
-                outbox.insert()
-                .values(
-                    entity_id=entity.id,
-                    state=OutboxState.PENDING.value,
-                    attempts=0,
-                    next_attempt_at=now,
-                    replay=0,
-                    created_at=now,
-                    updated_at=now,
+        An entity already pending keeps its row: the worker sends whatever the entity holds
+        when it claims the row, so changes while it waits coalesce into one call. A dead one
+        gets a fresh set of attempts: the newer state may be what the ERP wanted.
+        """
+        new_rows, revive = [], []
+        for key, p in work.items():
+            if not p.applied or p.content_hash == p.delivered_hash:
+                continue
+            if p.outbox_id is None:
+                new_rows.append(
+                    {
+                        "entity_id": ids[key],
+                        "state": OutboxState.PENDING.value,
+                        "attempts": 0,
+                        "next_attempt_at": now,
+                        "replay": 0,
+                        "created_at": now,
+                        "updated_at": now,
+                    }
                 )
-                .returning(outbox.c.id)
-            )
-            outbox_id = int(result.scalar_one())
-            return replace(
-                entity, outbox_id=outbox_id, outbox_state=OutboxState.PENDING, attempts=0
-            ), 1
-        if entity.outbox_state is OutboxState.DEAD:
-            # A newer state gets a fresh set of attempts: it may be what the ERP wanted.
+            elif p.outbox_state is OutboxState.DEAD:
+                revive.append(p.outbox_id)
+        if new_rows:
+            await conn.execute(outbox.insert(), new_rows)
+        if revive:
             await conn.execute(
                 outbox.update()
-                .where(outbox.c.id == entity.outbox_id)
+                .where(outbox.c.id.in_(revive))
                 .values(
                     state=OutboxState.PENDING.value,
                     attempts=0,
@@ -923,10 +930,7 @@ class SqlStore:
                     updated_at=now,
                 )
             )
-            return replace(entity, outbox_state=OutboxState.PENDING, attempts=0), 1
-        # Already pending: the worker sends whatever the entity holds when it claims the row,
-        # so changes while it waits coalesce into one call.
-        return entity, 0
+        return len(new_rows) + len(revive)
 
     async def get_entity(self, entity_type: str, entity_key: str) -> EntityRecord | None:
         """An entity with its outbox row."""
@@ -1550,30 +1554,74 @@ _ENTITY_SELECT = sa.select(
 ).select_from(entities.outerjoin(outbox, outbox.c.entity_id == entities.c.id))
 
 
-def _with_no_outbox(row: sa.Row[Any]) -> Any:
-    class _Row:
-        _mapping = {
-            **row._mapping,
-            "outbox_id": None,
-            "outbox_state": None,
-            "attempts": 0,
-            "next_attempt_at": None,
-            "lease_until": None,
-            "last_status": None,
-            "last_error": None,
+_ENTITY_WRITE_COLUMNS = (
+    "state",
+    "content_hash",
+    "version_rank",
+    "version_ts",
+    "source",
+    "revision",
+    "updated_at",
+)
+
+
+class _Pending:
+    """One entity while a batch of facts is folded into it, before anything is written."""
+
+    def __init__(self, entity: EntityRecord | None) -> None:
+        self.entity = entity
+        self.state: dict[str, Any] = {} if entity is None else entity.state
+        self.content_hash = "" if entity is None else entity.content_hash
+        self.version = Version() if entity is None else entity.version
+        self.source = "" if entity is None else entity.source
+        self.revision = 0 if entity is None else entity.revision
+        self.delivered_hash = None if entity is None else entity.delivered_hash
+        self.outbox_id = None if entity is None else entity.outbox_id
+        self.outbox_state = None if entity is None else entity.outbox_state
+        self.folded = False
+        self.applied = False
+
+    def current(self) -> Current | None:
+        """What the next fact is compared with."""
+        if self.entity is None and not self.folded:
+            return None
+        return Current(self.state, self.content_hash, self.version, self.delivered_hash)
+
+    def fold(self, fact: Fact, decision: Decision) -> None:
+        """Take a decision's state as the entity's."""
+        self.state = dict(decision.state)
+        self.content_hash = decision.content_hash
+        self.version = decision.version
+        self.folded = True
+        if decision.outcome is Outcome.APPLIED:
+            self.applied = True
+            self.source = fact.source
+            self.revision += 1
+
+    def row(self, key: tuple[str, str], now: datetime) -> dict[str, Any]:
+        """The entities row to write."""
+        return {
+            "entity_type": key[0],
+            "entity_key": key[1],
+            "state": self.state,
+            "content_hash": self.content_hash,
+            "version_rank": self.version.rank,
+            "version_ts": self.version.timestamp,
+            "source": self.source,
+            "revision": self.revision,
+            "replays": 0 if self.entity is None else self.entity.replays,
+            "updated_at": now,
         }
 
-    return _Row()
 
-
-def _changes_row(entity: EntityRecord | None, decision: Decision) -> bool:
-    """Whether a decision writes the entity row: a nightly pass that finds everything as it
+def _changes_row(pending: _Pending, decision: Decision) -> bool:
+    """Whether a decision changes the entity row: a nightly pass that finds everything as it
     was (same state, same version) must not rewrite every row it reads."""
     if decision.outcome is Outcome.STALE:
         return False
-    if decision.outcome is Outcome.APPLIED or entity is None:
+    if decision.outcome is Outcome.APPLIED or pending.current() is None:
         return True
-    return decision.version != entity.version or dict(decision.state) != entity.state
+    return decision.version != pending.version or dict(decision.state) != pending.state
 
 
 def _fact_row(
