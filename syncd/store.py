@@ -799,19 +799,24 @@ class SqlStore:
         self, conn: AsyncConnection, keys: set[tuple[str, str]]
     ) -> dict[tuple[str, str], EntityRecord]:
         found: dict[tuple[str, str], EntityRecord] = {}
-        ordered = sorted(keys)
-        for start in range(0, len(ordered), INSERT_CHUNK):
-            chunk = ordered[start : start + INSERT_CHUNK]
-            stmt = (
-                _ENTITY_SELECT.where(
-                    sa.tuple_(entities.c.entity_type, entities.c.entity_key).in_(chunk)
+        by_type: dict[str, list[str]] = {}
+        for entity_type, entity_key in sorted(keys):
+            by_type.setdefault(entity_type, []).append(entity_key)
+        # `entity_type = ? AND entity_key IN (...)` walks the unique index; SQLite does not
+        # use it for a row-value `(type, key) IN (...)`, which scanned the table per page.
+        for entity_type, names in by_type.items():
+            for start in range(0, len(names), INSERT_CHUNK):
+                stmt = (
+                    _ENTITY_SELECT.where(
+                        entities.c.entity_type == entity_type,
+                        entities.c.entity_key.in_(names[start : start + INSERT_CHUNK]),
+                    )
+                    .order_by(entities.c.id)
+                    .with_for_update(of=entities)
                 )
-                .order_by(entities.c.id)
-                .with_for_update(of=entities)
-            )
-            for row in (await conn.execute(stmt)).all():
-                record = EntityRecord.from_row(row)
-                found[(record.entity_type, record.entity_key)] = record
+                for row in (await conn.execute(stmt)).all():
+                    record = EntityRecord.from_row(row)
+                    found[(record.entity_type, record.entity_key)] = record
         return found
 
     async def _apply(
