@@ -1,0 +1,76 @@
+"""bench/erp_sink: a local ERP for bench/deliver that answers every PUT at once and counts it.
+
+``PUT /api/{tail}`` reads the body and answers 200 ``{}``; per call it keeps the arrival time
+(``time.time_ns()``, comparable across processes on one machine), the last path segment (the
+order id) and the ``Idempotency-Key``. ``GET /stats`` gives the count, ``GET /calls`` every
+call recorded since the last ``POST /reset`` (as three parallel lists), and ``POST /reset``
+starts over. Binds 127.0.0.1 only.
+
+    .venv/bin/python bench/erp_sink.py --port 9000
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from aiohttp import web
+
+CALLS = web.AppKey("calls", dict)
+
+
+def _empty() -> dict[str, list[object]]:
+    return {"at_ns": [], "key": [], "idempotency_key": []}
+
+
+async def put(request: web.Request) -> web.Response:
+    """Accept a delivery: record it and answer 200 at once."""
+    at = time.time_ns()
+    await request.read()
+    calls = request.app[CALLS]
+    calls["at_ns"].append(at)
+    calls["key"].append(request.match_info["tail"].rsplit("/", 1)[-1])
+    calls["idempotency_key"].append(request.headers.get("Idempotency-Key", ""))
+    return web.Response(body=b"{}", content_type="application/json")
+
+
+async def stats(request: web.Request) -> web.Response:
+    """How many calls arrived since the last reset, and when the last one did."""
+    calls = request.app[CALLS]
+    last = calls["at_ns"][-1] if calls["at_ns"] else None
+    return web.json_response({"count": len(calls["at_ns"]), "last_at_ns": last})
+
+
+async def all_calls(request: web.Request) -> web.Response:
+    """Every call since the last reset."""
+    return web.json_response(request.app[CALLS])
+
+
+async def reset(request: web.Request) -> web.Response:
+    """Forget every call."""
+    for values in request.app[CALLS].values():
+        values.clear()
+    return web.json_response({"count": 0})
+
+
+def make_app() -> web.Application:
+    """The sink application."""
+    app = web.Application(client_max_size=16 * 1024 * 1024)
+    app[CALLS] = _empty()
+    app.router.add_put("/api/{tail:.*}", put)
+    app.router.add_get("/stats", stats)
+    app.router.add_get("/calls", all_calls)
+    app.router.add_post("/reset", reset)
+    return app
+
+
+def main() -> None:
+    """Serve on 127.0.0.1 until SIGTERM or SIGINT."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--port", type=int, default=9000)
+    args = parser.parse_args()
+    web.run_app(make_app(), host="127.0.0.1", port=args.port, access_log=None, print=None)
+
+
+if __name__ == "__main__":
+    main()
