@@ -50,8 +50,7 @@ import urllib.error
 import urllib.request
 import uuid
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager, suppress
+from contextlib import ExitStack, suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -161,18 +160,22 @@ def cpu_seconds(pid: int, *, children: bool = False) -> float:
     return ticks / _TICK
 
 
-def postgres_cpu() -> float:
-    """CPU seconds of every PostgreSQL process, plus backends that exited (postmaster cutime)."""
-    total = 0.0
+def postgres_backends(database_prefix: str) -> dict[int, float]:
+    """CPU seconds so far of each PostgreSQL backend serving a database named ``prefix*``.
+
+    A backend's process title names its database ("postgres: 15/main: USER DB HOST ...").
+    """
+    found: dict[int, float] = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         with suppress(OSError):
             if (entry / "comm").read_text().strip() != "postgres":
                 continue
-            # The postmaster's reaped-children time holds the backends that exited meanwhile.
-            total += cpu_seconds(int(entry.name), children=True)
-    return total
+            title = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            if database_prefix in title:
+                found[int(entry.name)] = cpu_seconds(int(entry.name))
+    return found
 
 
 def machine_busy() -> float:
@@ -181,24 +184,52 @@ def machine_busy() -> float:
     return (sum(v) - v[3] - v[4]) / _TICK
 
 
-@contextmanager
-def cpu_usage(pids: dict[str, int]) -> Iterator[dict[str, float]]:
-    """Fill a dict with CPU use during the block, in % of one core (2 cores = 200%)."""
-    usage: dict[str, float] = {}
-    started = time.monotonic()
-    before = {name: cpu_seconds(pid) for name, pid in pids.items()}
-    pg, busy = postgres_cpu(), machine_busy()
-    own = time.process_time()
-    yield usage
-    wall = time.monotonic() - started
-    used = {name: cpu_seconds(pid) - before[name] for name, pid in pids.items()}
-    used["postgres"] = postgres_cpu() - pg
-    used["bench"] = time.process_time() - own
-    used["other"] = max(0.0, machine_busy() - busy - sum(used.values()))
-    for name, seconds in used.items():
-        usage[f"{name}_cpu_pct"] = round(100 * seconds / wall, 1)
-    usage["machine_busy_pct"] = round(100 * (machine_busy() - busy) / wall, 1)
-    usage["cpu_window_s"] = round(wall, 3)
+class CpuMeter:
+    """CPU used during a phase, in % of one core (2 cores = 200%), by who used it.
+
+    ``postgres`` is only the backends serving this benchmark's databases (found by process
+    title, sampled by `sample` so that short-lived ones are seen too); the server's shared
+    processes and every other database's backends count as ``other``.
+    """
+
+    def __init__(self, pids: dict[str, int], pg_prefix: str | None) -> None:
+        self.pids = pids
+        self.pg_prefix = pg_prefix
+        self.usage: dict[str, float] = {}
+        self._pg_first: dict[int, float] = {}
+        self._pg_last: dict[int, float] = {}
+        self._before: dict[str, float] = {}
+        self._started = self._busy = self._own = 0.0
+
+    def start(self) -> CpuMeter:
+        self._started = time.monotonic()
+        self._before = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
+        self._busy, self._own = machine_busy(), time.process_time()
+        if self.pg_prefix:
+            self._pg_first = postgres_backends(self.pg_prefix)
+            self._pg_last = dict(self._pg_first)
+        return self
+
+    def sample(self) -> None:
+        """Look for backends started since the last sample (new ones count from zero)."""
+        if self.pg_prefix:
+            for pid, seconds in postgres_backends(self.pg_prefix).items():
+                self._pg_first.setdefault(pid, 0.0)
+                self._pg_last[pid] = seconds
+
+    def stop(self) -> dict[str, float]:
+        self.sample()
+        wall = time.monotonic() - self._started
+        used = {name: cpu_seconds(pid) - self._before[name] for name, pid in self.pids.items()}
+        used["postgres"] = sum(self._pg_last[p] - self._pg_first[p] for p in self._pg_last)
+        used["bench"] = time.process_time() - self._own
+        busy = machine_busy() - self._busy
+        used["other"] = max(0.0, busy - sum(used.values()))
+        for name, seconds in used.items():
+            self.usage[f"{name}_cpu_pct"] = round(100 * seconds / wall, 1)
+        self.usage["machine_busy_pct"] = round(100 * busy / wall, 1)
+        self.usage["cpu_window_s"] = round(wall, 3)
+        return self.usage
 
 
 def wait_quiet(max_wait: float, limit: float = 15.0) -> float:
@@ -311,6 +342,8 @@ class Backend:
     """Where the daemon's store lives: a pre-filled template, and copies of it per run."""
 
     name = ""
+    #: Part of the name of every database this backend creates (None: not PostgreSQL).
+    pg_prefix: str | None = None
 
     def url_of(self, copy: str) -> str:
         raise NotImplementedError
@@ -382,6 +415,7 @@ class PostgresBackend(Backend):
 
     def __init__(self) -> None:
         self.prefix = f"syncd_bench_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+        self.pg_prefix = self.prefix
         self.created: list[str] = []
 
     def _db(self, name: str) -> str:
@@ -540,36 +574,51 @@ def start_profile(pid: int, seconds: float, output: Path) -> subprocess.Popen[by
     return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-#: Where a sample's time is charged: the first rule (in order) with a needle in any frame.
+#: What a sample was doing: the first rule (in order) with a needle in any of its frames.
 PROFILE_PHASES = (
-    ("store.complete_delivery (record the delivery)", ("complete_delivery",)),
-    ("store.claim_deliveries (lease due rows)", ("claim_deliveries",)),
-    ("store.next_due_at (dispatcher idle check)", ("next_due_at",)),
-    ("ERP call: HttpErpAdapter.deliver (aiohttp client)", ("HttpErpAdapter.deliver",)),
-    ("logging (structlog JSON line per delivery)", ("structlog/",)),
-    ("dispatcher: Deliverer._run (tasks, wake-ups)", ("Deliverer._run",)),
-    ("connection close/reset on return to pool", ("AsyncConnection.close", "_finalize_fairy")),
+    ("record completions: SqlStore.complete_deliveries", ("complete_deliver",)),
+    ("claim: SqlStore.claim_deliveries", ("claim_deliveries",)),
+    ("dispatcher idle check: SqlStore.next_due_at", ("next_due_at",)),
+    ("ERP call: HttpErpAdapter.deliver", ("HttpErpAdapter",)),
+    ("other store writes (fail_delivery, release_leases)", ("fail_delivery", "release_leases")),
+    ("logging: structlog JSON line per delivery", ("structlog/",)),
+    ("dispatcher and worker glue (Deliverer)", ("Deliverer.",)),
+    ("event loop waiting in epoll (not busy)", ("EpollSelector.select",)),
 )
-#: Cross-cutting costs inside those phases.
+#: Which code the time was spent in: the frame nearest the leaf that matches a rule.
 PROFILE_COSTS = (
-    ("open a new DB connection (asyncpg connect, TLS probe)", ("connect_utils.py",)),
+    ("kernel: socket send (asyncio transport write)", ("_SelectorSocketTransport.write",)),
+    ("event loop waiting in epoll (not busy)", ("EpollSelector.select",)),
+    ("opening a DB connection", ("connect_utils.py",)),
     ("pool pre-ping on checkout", ("_async_ping", "do_ping")),
-    ("close a DB connection", ("Connection.close (asyncpg",)),
     (
-        "SQLAlchemy statement build/compile/cache key",
-        ("_compile_w_cache", "_generate_cache_key", "sql/elements.py", "sql/coercions.py"),
+        "SQLAlchemy: building and compiling statements",
+        ("sqlalchemy/sql/", "_compile_w_cache", "_generate_cache_key"),
     ),
-    ("socket write syscall (loopback send)", ("selector_events.py:1057",)),
-    ("DB driver (asyncpg/aiosqlite)", ("asyncpg/", "aiosqlite/")),
-    ("SQLAlchemy engine/pool/result", ("sqlalchemy/",)),
+    ("SQLAlchemy: engine, pool, results, greenlets", ("sqlalchemy/",)),
+    ("DB driver (asyncpg, aiosqlite)", ("asyncpg/", "aiosqlite/")),
+    ("tenacity (AsyncRetrying per ERP call)", ("tenacity/",)),
+    ("aiohttp client, yarl, multidict", ("aiohttp/", "yarl/", "multidict/")),
+    ("structlog and json", ("structlog/", "json/")),
+    ("syncd's own code", ("syncd/",)),
+    ("asyncio machinery", ("asyncio/",)),
 )
+OTHER = "other (callbacks with no syncd frame on the stack: socket reads, greenlet-run SQL)"
 
 
-def _first_match(frames: list[str], rules: tuple[tuple[str, tuple[str, ...]], ...]) -> str:
-    for name, needles in rules:
+def _phase(frames: list[str]) -> str:
+    for name, needles in PROFILE_PHASES:
         if any(needle in frame for frame in frames for needle in needles):
             return name
-    return "other (event loop, aiohttp, asyncio)"
+    return OTHER
+
+
+def _cost(frames: list[str]) -> str:
+    for frame in reversed(frames):
+        for name, needles in PROFILE_COSTS:
+            if any(needle in frame for needle in needles):
+                return name
+    return OTHER
 
 
 def summarize_profile(raw: Path, top: int = 30) -> list[str]:
@@ -586,8 +635,8 @@ def summarize_profile(raw: Path, top: int = 30) -> list[str]:
         count = int(count_text)
         frames = stack.split(";")
         total += count
-        phases[_first_match(frames, PROFILE_PHASES)] += count
-        costs[_first_match(frames, PROFILE_COSTS)] += count
+        phases[_phase(frames)] += count
+        costs[_cost(frames)] += count
         bare = [re.sub(r":\d+\)$", ")", f) for f in frames]
         own[bare[-1]] += count
         for frame in set(bare):
@@ -596,7 +645,7 @@ def summarize_profile(raw: Path, top: int = 30) -> list[str]:
         return ["(no samples)"]
     lines = [f"{total} samples of the daemon's busy threads (idle waits dropped); by phase:"]
     lines += [f"{100 * n / total:6.1f}%  {name}" for name, n in phases.most_common()]
-    lines.append("by cost (first match, in the order listed in bench/deliver.py):")
+    lines.append("by code the time was spent in (the frame nearest the leaf that says):")
     lines += [f"{100 * n / total:6.1f}%  {name}" for name, n in costs.most_common()]
     lines.append("by function, inclusive% self%:")
     for frame, count in inclusive.most_common(top):
@@ -610,7 +659,12 @@ def summarize_profile(raw: Path, top: int = 30) -> list[str]:
 
 
 def wait_for_calls(
-    run: Run, daemon: Process, expected: int, deadline: float, profile_at: int | None
+    run: Run,
+    daemon: Process,
+    expected: int,
+    deadline: float,
+    profile_at: int | None,
+    meter: CpuMeter,
 ) -> tuple[dict[str, Any], subprocess.Popen[bytes] | None]:
     """Poll the sink until ``expected`` calls arrived (or the deadline, or the daemon died)."""
     profiler = None
@@ -620,6 +674,7 @@ def wait_for_calls(
             output = OUT / "deliver-profile-raw.txt"
             profiler = start_profile(daemon.pid, run.args.profile_seconds, output)
         time.sleep(0.2)
+        meter.sample()
         stats = run.sink.stats()
     return stats, profiler
 
@@ -683,6 +738,14 @@ def store_state(backend: Backend, copy: str) -> dict[str, Any]:
             "WHERE datname = current_database()",
         )[0]
         state["pg_stats"] = dict(zip(names, (int(v) for v in row), strict=True))
+        # Scans of the outbox: a sequential scan reads the whole table.
+        table = ("seq_scan", "seq_tup_read", "idx_scan", "idx_tup_fetch", "n_tup_del")
+        row = backend.query(
+            copy,
+            f"SELECT {', '.join(table)} FROM pg_stat_user_tables "  # noqa: S608 (constants)
+            "WHERE relname = 'outbox'",
+        )[0]
+        state["pg_outbox_stats"] = dict(zip(table, (int(v or 0) for v in row), strict=True))
     return state
 
 
@@ -701,8 +764,10 @@ def throughput_cell(run: Run, backend: Backend, concurrency: int, orders: int) -
     deadline = time.monotonic() + run.args.cell_timeout
     started_ns = time.time_ns()
     daemon.start()
-    with cpu_usage({"syncd": daemon.pid, "erp_sink": run.sink.process.pid}) as usage:
-        stats, profiler = wait_for_calls(run, daemon, orders, deadline, profile_at)
+    meter = CpuMeter({"syncd": daemon.pid, "erp_sink": run.sink.process.pid}, backend.pg_prefix)
+    meter.start()
+    stats, profiler = wait_for_calls(run, daemon, orders, deadline, profile_at, meter)
+    usage = meter.stop()
     crashed = not daemon.alive()
     time.sleep(1.0)  # a late duplicate would arrive now
     if profiler is not None:
@@ -802,11 +867,14 @@ def latency_run(run: Run, backend: Backend) -> dict[str, Any]:
     asyncio.run(_send_webhooks(port, args.latency_rate, args.latency_warmup, "W"))
     time.sleep(1.0)
     run.sink.reset()
-    with cpu_usage({"syncd": daemon.pid, "erp_sink": run.sink.process.pid}) as usage:
-        load = asyncio.run(_send_webhooks(port, args.latency_rate, args.latency_seconds, "L"))
-        deadline = time.monotonic() + 15
-        while run.sink.stats()["count"] < len(load["sent"]) and time.monotonic() < deadline:
-            time.sleep(0.1)
+    meter = CpuMeter({"syncd": daemon.pid, "erp_sink": run.sink.process.pid}, backend.pg_prefix)
+    meter.start()
+    load = asyncio.run(_send_webhooks(port, args.latency_rate, args.latency_seconds, "L"))
+    deadline = time.monotonic() + 15
+    while run.sink.stats()["count"] < len(load["sent"]) and time.monotonic() < deadline:
+        meter.sample()
+        time.sleep(0.1)
+    usage = meter.stop()
     daemon.stop()
     calls = run.sink.calls()
     arrived: dict[str, int] = {}

@@ -798,14 +798,18 @@ def _drop_database(name: str) -> None:
 
 #: Where a sample's time goes: the first of these frames found, innermost first.
 PROFILE_BUCKETS = (
+    (
+        "sqlite3 running a statement (aiosqlite thread)",
+        ("_connection_worker_thread (aiosqlite/core.py:63)",),
+    ),
+    ("aiosqlite thread waiting for work", ("_connection_worker_thread (aiosqlite/core.py:59)",)),
+    ("event loop waiting (epoll)", ("EpollSelector.select",)),
     ("content_hash (merge)", ("content_hash (syncd/facts.py",)),
     ("normalise records (facts.py)", ("_fact (syncd/facts.py",)),
-    ("aiohttp read + json.loads (client)", ("_once (syncd/masonhub.py",)),
-    ("_save_entity UPDATE per unchanged entity", ("_save_entity (syncd/store.py",)),
-    ("_load_entities SELECT", ("_load_entities (syncd/store.py",)),
+    ("MasonHub request + json.loads", ("_once (syncd/masonhub.py",)),
+    ("_load_entities (SQLAlchemy side)", ("_load_entities (syncd/store.py",)),
     ("merge.decide", ("decide (syncd/merge.py",)),
-    ("commit / begin (store)", ("_begin (syncd/store.py",)),
-    ("aiosqlite worker thread (sqlite3 C)", ("run (aiosqlite/core.py",)),
+    ("store writes and commit", ("_write_entities (syncd/store.py", "_begin (syncd/store.py")),
 )
 
 
