@@ -901,26 +901,35 @@ class SqlStore:
         when it claims the row, so changes while it waits coalesce into one call. A dead one
         gets a fresh set of attempts: the newer state may be what the ERP wanted.
         """
-        new_rows, revive = [], []
+        wanted, revive = [], []
         for key, p in work.items():
             if not p.applied or p.content_hash == p.delivered_hash:
                 continue
-            if p.outbox_id is None:
-                new_rows.append(
-                    {
-                        "entity_id": ids[key],
-                        "state": OutboxState.PENDING.value,
-                        "attempts": 0,
-                        "next_attempt_at": now,
-                        "replay": 0,
-                        "created_at": now,
-                        "updated_at": now,
-                    }
-                )
-            elif p.outbox_state is OutboxState.DEAD:
+            if p.outbox_state is OutboxState.DEAD:
                 revive.append(p.outbox_id)
-        if new_rows:
-            await conn.execute(outbox.insert(), new_rows)
+                continue
+            wanted.append(
+                {
+                    "entity_id": ids[key],
+                    "state": OutboxState.PENDING.value,
+                    "attempts": 0,
+                    "next_attempt_at": now,
+                    "replay": 0,
+                    "created_at": now,
+                    "updated_at": now,
+                }
+            )
+        inserted = 0
+        if wanted:
+            # A pending row seen at load time may be gone: on PostgreSQL the outbox columns
+            # are not re-read after waiting for the entity lock, and the completion that held
+            # it deletes the row of the version it delivered. So insert unless a row is there.
+            stmt = (
+                _insert(conn.dialect.name, outbox)
+                .on_conflict_do_nothing(index_elements=["entity_id"])
+                .returning(outbox.c.id)
+            )
+            inserted = len((await conn.execute(stmt, wanted)).all())
         if revive:
             await conn.execute(
                 outbox.update()
@@ -935,7 +944,7 @@ class SqlStore:
                     updated_at=now,
                 )
             )
-        return len(new_rows) + len(revive)
+        return inserted + len(revive)
 
     async def get_entity(self, entity_type: str, entity_key: str) -> EntityRecord | None:
         """An entity with its outbox row."""
@@ -1128,10 +1137,21 @@ class SqlStore:
                 "last_error": error,
                 "updated_at": now,
             }
-            if retry_at is None:
+            revision = (
+                await conn.execute(
+                    sa.select(entities.c.revision)
+                    .where(entities.c.id == claim.entity_id)
+                    .with_for_update()
+                )
+            ).scalar()
+            if retry_at is not None:
+                values["next_attempt_at"] = retry_at
+            elif revision == claim.revision:
                 values["state"] = OutboxState.DEAD.value
             else:
-                values["next_attempt_at"] = retry_at
+                # The entity moved on while this version was in flight: the refusal was of
+                # an old state, so the new one gets its own attempts instead of a dead letter.
+                values.update(attempts=0, next_attempt_at=now)
             await conn.execute(
                 outbox.update()
                 .where(outbox.c.id == claim.outbox_id, outbox.c.lease_owner == owner)

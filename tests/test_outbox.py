@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 from datetime import UTC, datetime, timedelta
 
+import asyncpg
 import pytest
+from sqlalchemy.engine import make_url
 
 from syncd.facts import Fact, Version, inventory_fact, order_fact
 from syncd.store import OutboxState, SqlStore
@@ -244,3 +246,64 @@ async def test_completions_recorded_together(store: SqlStore) -> None:
     assert await store.outbox_counts() == {"pending": 2}
     attempts = [a for c in claims for a in await store.attempts_of(c.entity_id)]
     assert [a.outcome for a in attempts] == ["delivered"] * 3
+
+
+async def test_permanent_failure_of_an_old_version_does_not_dead_letter_a_newer_one(
+    store: SqlStore,
+) -> None:
+    """A 400 for the version in flight must not bury the state that arrived meanwhile: the
+    newer state gets its own attempts."""
+    await store.apply_facts([stock("SKU-4", 5, 1)])
+    [first] = await store.claim_deliveries("w", 1, 30)
+    await store.apply_facts([stock("SKU-4", 4, 2)])
+    await store.fail_delivery(
+        first,
+        "w",
+        started_at=datetime.now(UTC),
+        status=400,
+        error="bad request",
+        retry_at=None,
+        permanent=True,
+    )
+    entity = await store.get_entity("inventory", "SKU-4")
+    assert entity is not None
+    assert entity.outbox_state is OutboxState.PENDING
+    [second] = await store.claim_deliveries("w", 1, 30)
+    assert (second.revision, second.state["total_available_to_sell"]) == (2, 4)
+
+
+@pytest.mark.postgres
+async def test_merge_blocked_behind_a_completion_still_queues_its_change(
+    pg_migrated_url: str,
+) -> None:
+    """PostgreSQL, READ COMMITTED: a merge that waits for the entity lock of a completion
+    which then deletes the outbox row must queue a new row, not trust the row it first saw
+    (found by the store-outage reliability scenario: a `delivered` never reached the ERP)."""
+    store = SqlStore(pg_migrated_url)
+    try:
+        await store.apply_facts([stock("SKU-race", 5, 1)])
+        [claim] = await store.claim_deliveries("w", 1, 30)
+        dsn = make_url(pg_migrated_url).set(drivername="postgresql")
+        completion = await asyncpg.connect(dsn.render_as_string(hide_password=False))
+        try:
+            # The completion's first steps: lock the entity, as complete_deliveries does.
+            tx = completion.transaction()
+            await tx.start()
+            await completion.execute(
+                "UPDATE entities SET delivered_revision = 1 WHERE id = $1", claim.entity_id
+            )
+            merge = asyncio.create_task(store.apply_facts([stock("SKU-race", 4, 2)]))
+            await asyncio.sleep(0.5)
+            assert not merge.done(), "the merge should wait for the entity's lock"
+            await completion.execute("DELETE FROM outbox WHERE id = $1", claim.outbox_id)
+            await tx.commit()
+            await merge
+        finally:
+            await completion.close()
+        entity = await store.get_entity("inventory", "SKU-race")
+        assert entity is not None
+        assert (entity.revision, entity.outbox_state) == (2, OutboxState.PENDING)
+        [second] = await store.claim_deliveries("w", 1, 30)
+        assert second.state["total_available_to_sell"] == 4
+    finally:
+        await store.close()
