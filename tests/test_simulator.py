@@ -1206,3 +1206,36 @@ def test_syncd_simulate_refuses_bad_usage(
     assert child.returncode == 2
     assert err.strip().count("\n") == 0
     assert err.startswith("syncd: error: --")
+
+
+async def test_api_faults_answer_429_or_500_and_a_client_rides_them_out(
+    make_sim: SimFactory, http: aiohttp.ClientSession
+) -> None:
+    """api_fault_rate answers that share of requests 429 (with Retry-After) or 500; the
+    MasonHub client's retries still read every order."""
+    sim = await make_sim(api_fault_rate=1.0, api_fault_retry_after=0)
+    answers = [await call(http, sim, "GET", "/orders") for _ in range(40)]
+    assert {status for status, _ in answers} == {429, 500}
+    assert sum(sim.api.faults.values()) == 40
+    assert all(set(answer) == {"message"} for _, answer in answers)
+
+    sim = await make_sim(api_fault_rate=0.3, api_fault_retry_after=0)
+    created = {o.customer_identifier for o in sim.world.create_orders(45)}
+    settings = settings_from_dict(
+        {
+            "masonhub": {"base_url": sim.base_url, "token": TOKEN, "page_size": 5},
+            "webhooks": {"signing_secrets": ["x"]},
+        },
+        environ={},
+    ).masonhub
+    client = MasonHubClient(settings)
+    try:
+        got = {r["customer_identifier"] async for r in client.orders()}
+    finally:
+        await client.close()
+    assert got == created
+    statuses = Counter(
+        status for status, _ in [await call(http, sim, "GET", "/orders") for _ in range(100)]
+    )
+    assert statuses[200] > 50
+    assert statuses[429] + statuses[500] > 10

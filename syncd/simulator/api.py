@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import random
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -77,6 +79,11 @@ class ApiOptions:
     #: Seconds until a requested snapshot is ready; None leaves it to ``world.complete_snapshot``.
     snapshot_delay: float | None = 0.05
     base_path: str = BASE_PATH
+    #: Share of API requests answered with a transient error instead (half 429 with
+    #: ``Retry-After: fault_retry_after``, half 500), the faults a poller must ride out.
+    fault_rate: float = 0.0
+    fault_retry_after: int = 1
+    fault_seed: int | str = 0
 
 
 # --- query and body parsing ---------------------------------------------------------------------
@@ -224,6 +231,25 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return ApiError(500, "Something went wrong.").response()
 
 
+def _faults(options: ApiOptions, injected: Counter[int]) -> Middleware:
+    # Determinism, not secrecy: a seed replays the same faults.
+    rng = random.Random(f"{options.fault_seed}:api-faults")  # noqa: S311
+
+    @web.middleware
+    async def inject(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if rng.random() >= options.fault_rate:
+            return await handler(request)
+        if rng.random() < 0.5:
+            injected[429] += 1
+            response = ApiError(429, "Too many requests.").response()
+            response.headers["Retry-After"] = str(options.fault_retry_after)
+            return response
+        injected[500] += 1
+        return ApiError(500, "Something went wrong.").response()
+
+    return inject
+
+
 def _auth(token: str) -> Middleware:
     expected = f"Bearer {token}".encode()
 
@@ -247,6 +273,8 @@ class MasonHubApi:
         self.world = world
         self.sender = sender
         self.options = options
+        #: The faults injected so far, by status (see ApiOptions.fault_rate).
+        self.faults: Counter[int] = Counter()
         self._tasks: set[asyncio.Task[None]] = set()
 
     def routes(self) -> list[web.RouteDef]:
@@ -579,8 +607,12 @@ SIM_API = web.AppKey("simulator_api", MasonHubApi)
 
 def create_app(world: World, sender: CallbackSender, options: ApiOptions) -> web.Application:
     """The simulated MasonHub: its API, and the callback sender started and stopped with it."""
-    app = web.Application(middlewares=[_errors, _auth(options.token)])
-    api = app[SIM_API] = MasonHubApi(world, sender, options)
+    api = MasonHubApi(world, sender, options)
+    middlewares = [_errors, _auth(options.token)]
+    if options.fault_rate:
+        middlewares.append(_faults(options, api.faults))
+    app = web.Application(middlewares=middlewares)
+    app[SIM_API] = api
     app.router.add_routes(api.routes())
     world.subscribe(sender)  # idempotent
 

@@ -26,6 +26,7 @@ class Simulator:
     (see :func:`start_simulator`). Point a client at :attr:`base_url` with
     :attr:`headers`. The fault knobs are the sender's; they may also be changed later on
     ``simulator.sender`` (``drop_rate``, ``duplicate_rate``, ``reorder_window``, …).
+    ``api_fault_rate`` answers that share of API requests 429 or 500 instead.
     """
 
     def __init__(
@@ -48,6 +49,8 @@ class Simulator:
         delay: float = 0.0,
         burst: int = 0,
         array_bodies: bool = False,
+        api_fault_rate: float = 0.0,
+        api_fault_retry_after: int = 1,
     ) -> None:
         self.token = token
         self.world = World(
@@ -69,7 +72,14 @@ class Simulator:
             burst=burst,
             array_bodies=array_bodies,
         )
-        options = ApiOptions(token, wrap_responses=wrap_responses, snapshot_delay=snapshot_delay)
+        options = ApiOptions(
+            token,
+            wrap_responses=wrap_responses,
+            snapshot_delay=snapshot_delay,
+            fault_rate=api_fault_rate,
+            fault_retry_after=api_fault_retry_after,
+            fault_seed=seed,
+        )
         self.app = create_app(self.world, self.sender, options)
         self.api: MasonHubApi = self.app[SIM_API]
         #: ``http://HOST:PORT/api/v1`` once serving.
