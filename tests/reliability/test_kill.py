@@ -54,6 +54,6 @@ async def test_kill_9_during_a_burst_loses_nothing_and_repeats_nothing(
         await rig.drive(DURATION, orders=ORDERS, during=kill_now_and_then)
         await asyncio.gather(*restarts)
         live, _nightly = await rig.prove(f"kill -9 x{rig.daemon.kills} on {backend}")
-        assert rig.daemon.kills >= DURATION // INTERVAL - 1
+        assert rig.daemon.kills >= 2, "fewer kills than the scenario is about"
         assert live.acknowledged > ORDERS
         assert live.callbacks["failed"] == 0, "MasonHub gave up on a callback"
