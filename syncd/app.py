@@ -39,6 +39,9 @@ MAIN = web.AppKey("main", web.Application)
 PRUNE_EVERY = timedelta(hours=1)
 #: How long a stop waits for in-flight requests before closing their connections.
 SHUTDOWN_TIMEOUT = 30.0
+#: Seconds an idle keep-alive connection, or one that never finishes its request headers
+#: (slowloris), is kept open; aiohttp's own default is an hour.
+KEEPALIVE_TIMEOUT = 75.0
 #: A background loop that has not come round for this long is wedged: watchdog pings stop.
 WEDGED_AFTER = 30.0
 #: How often the systemd status line is refreshed.
@@ -342,7 +345,12 @@ async def serve(
         loop.add_signal_handler(signum, stop.set)
     if reload is not None:
         loop.add_signal_handler(signal.SIGHUP, lambda: _on_hup(app, reload))
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT)
+    runner = web.AppRunner(
+        app,
+        access_log=None,
+        shutdown_timeout=SHUTDOWN_TIMEOUT,
+        keepalive_timeout=KEEPALIVE_TIMEOUT,
+    )
     admin_runner = web.AppRunner(admin, access_log=None, shutdown_timeout=5)
     await runner.setup()
     watcher: asyncio.Task[None] | None = None

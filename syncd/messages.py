@@ -41,6 +41,8 @@ LEGACY_PREFIXES = {
 MAX_MESSAGES_PER_REQUEST = 1000
 
 _MAX_KEY = 255
+#: The length of the store's message_type columns.
+MAX_TYPE_LENGTH = 64
 
 
 class MalformedBody(SyncdError):
@@ -72,6 +74,14 @@ def parse_body(raw: bytes, url_message_type: str | None = None) -> list[ParsedMe
         raise MalformedBody(f"invalid JSON: {exc}") from exc
     except RecursionError as exc:
         raise MalformedBody("JSON nested too deeply") from exc
+    try:
+        return _split(document, raw, url_message_type)
+    except RecursionError as exc:
+        # A depth json.loads accepted can still be too deep to encode an element again.
+        raise MalformedBody("JSON nested too deeply") from exc
+
+
+def _split(document: Any, raw: bytes, url_message_type: str | None) -> list[ParsedMessage]:
     if isinstance(document, dict):
         return [_parse_item(document, raw, url_message_type, where="body")]
     if not isinstance(document, list):
@@ -102,7 +112,7 @@ def _parse_item(item: Any, raw: bytes, url_type: str | None, *, where: str) -> P
         raise MalformedBody(f"{where}: envelope has no data")
     _check_data(item["data"], where=where)
     message_id = _identifier(item.get("message_id"), "message_id", where=where)
-    return ParsedMessage(message_type, message_id, _dedupe_key(message_id, raw), raw)
+    return ParsedMessage(message_type, _shown(message_id), _dedupe_key(message_id, raw), raw)
 
 
 def _parse_legacy(
@@ -114,7 +124,7 @@ def _parse_legacy(
     prefix = event_type.split(".", 1)[0]
     message_type = LEGACY_PREFIXES.get(prefix) or url_type or event_type
     event_id = _identifier(item.get("event_id"), "event_id", where=where)
-    return ParsedMessage(message_type, event_id, _dedupe_key(event_id, raw), raw)
+    return ParsedMessage(message_type, _shown(event_id), _dedupe_key(event_id, raw), raw)
 
 
 def _check_data(data: Any, *, where: str) -> None:
@@ -139,15 +149,38 @@ def _identifier(value: Any, name: str, *, where: str) -> str | None:
 def _dedupe_key(identifier: str | None, raw: bytes) -> str:
     if identifier is None:
         return "sha256:" + hashlib.sha256(raw).hexdigest()
-    if len(identifier) > _MAX_KEY:
-        return "sha256-id:" + hashlib.sha256(identifier.encode()).hexdigest()
+    if len(identifier) > _MAX_KEY or column_text(identifier) != identifier:
+        # Too long for the key column, or holding what a database cannot store (NUL, a lone
+        # surrogate): the hash keeps every distinct id distinct.
+        encoded = identifier.encode("utf-8", "surrogatepass")
+        return "sha256-id:" + hashlib.sha256(encoded).hexdigest()
     return identifier
+
+
+def _shown(identifier: str | None) -> str | None:
+    """The id as the message_id column keeps it, for people: storable and at most 255 long."""
+    return None if identifier is None else column_text(identifier, _MAX_KEY)
+
+
+def column_text(text: str, limit: int | None = None) -> str:
+    """``text`` as any store can keep it: NUL and lone surrogates (which PostgreSQL refuses)
+    replaced by U+FFFD, then cut to ``limit`` characters."""
+    if "\x00" in text:
+        text = text.replace("\x00", "\ufffd")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+    return text if limit is None else text[:limit]
 
 
 def _canonical(item: Any) -> bytes:
     # One element of an array: stored on its own, so two requests that carry the same
     # element without an id hash to the same dedupe key.
-    return json.dumps(item, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    text = json.dumps(item, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    # A lone surrogate (legal in a JSON string escape) has no UTF-8 form: keep its bytes as
+    # Python would write them, so the element still stores and hashes the same each time.
+    return text.encode("utf-8", "surrogatepass")
 
 
 def _json_kind(value: Any) -> str:

@@ -25,7 +25,14 @@ from aiohttp import web
 from syncd.config import Settings
 from syncd.errors import StoreUnavailable
 from syncd.inbox import GroupCommitter
-from syncd.messages import MESSAGE_TYPES, MalformedBody, ParsedMessage, parse_body
+from syncd.messages import (
+    MAX_TYPE_LENGTH,
+    MESSAGE_TYPES,
+    MalformedBody,
+    ParsedMessage,
+    column_text,
+    parse_body,
+)
 from syncd.metrics import Metrics
 from syncd.store import NewMessage, QuarantinedBody, SqlStore
 
@@ -40,6 +47,9 @@ _JSON_TYPE = re.compile(r"application/(?:[\w.+-]+\+)?json", re.IGNORECASE)
 _KEPT_HEADERS = ("content-type", "user-agent", "x-request-id", "x-forwarded-for")
 _SECRET_HEADERS = ("x-masonhub-signature", "x-masonhub-token", "authorization")
 _READ_CHUNK = 64 * 1024
+#: Seconds a client may take to send its body: a trickling client must not hold a request
+#: (and the shutdown drain) open for ever. MasonHub sends a callback in milliseconds.
+BODY_TIMEOUT = 30.0
 
 
 def signature_valid(body: bytes, header: str | None, secrets: Sequence[bytes]) -> bool:
@@ -158,9 +168,10 @@ class WebhookReceiver:
     async def handle(self, request: web.Request) -> web.Response:
         """Answer one callback request (see DESIGN.md for every status)."""
         started = time.perf_counter()
-        remote = client_address(
-            request.remote, request.headers.get("X-Forwarded-For"), self._proxies
-        )
+        # Several X-Forwarded-For lines are one list (RFC 9110 5.3): a proxy that adds its own
+        # line after the client's must not leave the client's first line believed.
+        forwarded = ", ".join(request.headers.getall("X-Forwarded-For", ()))
+        remote = client_address(request.remote, forwarded, self._proxies)
         self._in_flight += 1
         self._idle.clear()
         try:
@@ -199,8 +210,8 @@ class WebhookReceiver:
         if not _JSON_TYPE.fullmatch(request.content_type or ""):
             return _reject(415, "unsupported_media_type", "Content-Type must be application/json")
         body = await self._read_body(request)
-        if body is None:
-            return _reject(413, "too_large", f"body exceeds {self._max_body} bytes")
+        if isinstance(body, Answer):
+            return body
         if not self._authenticated(request, body):
             return _reject(401, "unauthenticated", "missing or invalid signature or token")
         url_type = request.match_info.get("message_type")
@@ -211,17 +222,25 @@ class WebhookReceiver:
             return await self._quarantine(body, exc.message, url_type, headers, remote)
         return await self._store_messages(messages, headers, remote)
 
-    async def _read_body(self, request: web.Request) -> bytes | None:
-        """The body, or None as soon as it is known to exceed the limit."""
+    async def _read_body(self, request: web.Request) -> bytes | Answer:
+        """The body; or the answer as soon as it is too large, too slow, or cut off."""
+        too_large = _reject(413, "too_large", f"body exceeds {self._max_body} bytes")
         if request.content_length is not None and request.content_length > self._max_body:
-            return None
+            return too_large
         chunks: list[bytes] = []
         size = 0
-        async for chunk in request.content.iter_chunked(_READ_CHUNK):
-            size += len(chunk)
-            if size > self._max_body:
-                return None
-            chunks.append(chunk)
+        try:
+            async with asyncio.timeout(BODY_TIMEOUT):
+                async for chunk in request.content.iter_chunked(_READ_CHUNK):
+                    size += len(chunk)
+                    if size > self._max_body:
+                        return too_large
+                    chunks.append(chunk)
+        except TimeoutError:
+            return _reject(408, "timeout", f"body not received within {BODY_TIMEOUT:g} s")
+        except ConnectionError:
+            # The client went away mid-body: nothing to store and nobody to answer.
+            return _reject(400, "incomplete", "connection closed before the body ended")
         return b"".join(chunks)
 
     def _authenticated(self, request: web.Request, body: bytes) -> bool:
@@ -243,10 +262,11 @@ class WebhookReceiver:
         remote: IPAddress | None,
     ) -> Answer:
         item = QuarantinedBody(
-            reason=reason,
+            # What the URL or the body said, made storable: NUL, say, is refused by PostgreSQL.
+            reason=column_text(reason),
             body=body,
             received_at=datetime.now(UTC),
-            message_type=url_type,
+            message_type=None if url_type is None else column_text(url_type, MAX_TYPE_LENGTH),
             headers=headers,
             remote_addr=None if remote is None else str(remote),
         )

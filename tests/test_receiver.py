@@ -529,3 +529,60 @@ async def test_prune_job_scheduled(client: Client) -> None:
     job = client.app[SCHEDULER].get_job("prune_inbox")
     assert job is not None
     assert (job.max_instances, job.coalesce) == (1, True)
+
+
+# --- slow clients -----------------------------------------------------------------------------
+
+
+async def test_a_body_trickled_slower_than_the_timeout_is_answered_408(
+    client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client that takes longer than BODY_TIMEOUT to send its body gets 408 and nothing is
+    stored: a trickling client cannot hold a request (or the shutdown drain) open."""
+    monkeypatch.setattr("syncd.receiver.BODY_TIMEOUT", 0.3)
+    body = dumps(ORDER_FULFILLED)
+
+    async def trickle() -> AsyncIterator[bytes]:
+        for start in range(0, len(body), 20):
+            yield body[start : start + 20]
+            await asyncio.sleep(0.1)
+
+    headers = {"Content-Type": "application/json", "X-MasonHub-Signature": sign(body, SECRET)}
+    response = await client.post(PATH, data=trickle(), headers=headers)
+    assert response.status == 408
+    assert (await response.json())["status"] == "timeout"
+    assert await stored(client) == []
+
+
+async def test_a_connection_that_never_finishes_its_headers_is_closed(
+    store_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The daemon's listener closes a connection whose request head never completes after
+    KEEPALIVE_TIMEOUT (aiohttp's default would hold it for an hour)."""
+    from syncd.app import serve
+    from tests.test_cli import free_port
+
+    monkeypatch.setattr("syncd.app.KEEPALIVE_TIMEOUT", 0.5)
+    port = free_port()
+    settings = make_settings(
+        store_url,
+        server={"host": "127.0.0.1", "port": port},
+        admin={"host": "127.0.0.1", "port": free_port()},
+    )
+    stop = asyncio.Event()
+    daemon = asyncio.create_task(serve(settings, stop))
+    try:
+        for _ in range(200):
+            try:
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                break
+            except OSError:
+                await asyncio.sleep(0.05)
+        writer.write(b"POST /webhooks/masonhub HTTP/1.1\r\nHost: x\r\n")
+        await writer.drain()
+        async with asyncio.timeout(10):
+            assert await reader.read() == b""  # closed by the server, no answer
+        writer.close()
+    finally:
+        stop.set()
+        await daemon
