@@ -123,7 +123,10 @@ def _parse_legacy(
         raise MalformedBody(f"{where}: event_type must be a non-empty string")
     prefix = event_type.split(".", 1)[0]
     message_type = LEGACY_PREFIXES.get(prefix) or url_type or event_type
-    event_id = _identifier(item.get("event_id"), "event_id", where=where)
+    # The dedupe key is message_id, else event_id, as for envelopes.
+    event_id = _identifier(item.get("message_id"), "message_id", where=where)
+    if event_id is None:
+        event_id = _identifier(item.get("event_id"), "event_id", where=where)
     return ParsedMessage(message_type, _shown(event_id), _dedupe_key(event_id, raw), raw)
 
 

@@ -19,6 +19,7 @@ from sqlalchemy.engine import make_url
 
 from syncd.app import RECEIVER, create_admin_app, create_app
 from syncd.logs import configure_logging
+from syncd.messages import parse_body
 from syncd.store import SqlStore
 from syncd.testing import RecordingErp, TcpProxy, dumps, envelope, sign
 from tests.conftest import SECRET, make_settings
@@ -243,6 +244,15 @@ async def test_legacy_event_id_dedupes(client: Client) -> None:
     event["timestamp"] = "2024-01-01T10:31:00Z"
     assert (await post(client, dumps(event)))[1]["status"] == "duplicate"
     assert await stored(client) == ["evt-1"]
+
+
+def test_a_legacy_event_with_a_message_id_is_keyed_by_it() -> None:
+    """The dedupe key is message_id, else event_id, else the body's hash: legacy too."""
+    [both] = parse_body(dumps({"event_type": "order.shipped", "event_id": "e", "message_id": "m"}))
+    [event] = parse_body(dumps({"event_type": "order.shipped", "event_id": "e"}))
+    [neither] = parse_body(dumps({"event_type": "order.shipped"}))
+    assert (both.dedupe_key, event.dedupe_key) == ("m", "e")
+    assert neither.dedupe_key.startswith("sha256:")
 
 
 async def test_array_of_envelopes(client: Client) -> None:
