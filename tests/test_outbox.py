@@ -11,6 +11,7 @@ from sqlalchemy.engine import make_url
 
 from syncd.facts import Fact, Version, inventory_fact, order_fact
 from syncd.store import OutboxState, SqlStore
+from tests.conftest import _truncate
 
 
 def shipped(key: str, *tracking: str) -> Fact:
@@ -307,3 +308,4 @@ async def test_merge_blocked_behind_a_completion_still_queues_its_change(
         assert second.state["total_available_to_sell"] == 4
     finally:
         await store.close()
+        await _truncate(pg_migrated_url)  # the run's database is shared by later tests
