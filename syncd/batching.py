@@ -15,7 +15,7 @@ from typing import Generic, TypeVar
 
 import structlog
 
-from syncd.errors import StoreUnavailable
+from syncd.errors import StoreRejected, StoreUnavailable
 
 log = structlog.get_logger(__name__)
 
@@ -36,7 +36,9 @@ class Batcher(Generic[T, R]):
 
     ``flush`` gets the items in submission order and returns one result per item. If it
     raises, every caller in the batch gets the error (StoreUnavailable for anything that is
-    not one already), so nothing is reported done that was not.
+    not one already), so nothing is reported done that was not. When the store refused a
+    value (StoreRejected), the items are flushed again one by one, so one caller's bad item
+    fails only that caller.
     """
 
     def __init__(
@@ -54,6 +56,12 @@ class Batcher(Generic[T, R]):
         self._queue: asyncio.Queue[_Pending[T, R]] = asyncio.Queue()
         self.task: asyncio.Task[None] | None = None
         self.flushes = 0
+        self._flushing = False
+
+    @property
+    def busy(self) -> bool:
+        """True while a flush is in progress or items wait for the next one."""
+        return self._flushing or not self._queue.empty()
 
     async def start(self) -> None:
         """Start the writer task."""
@@ -89,15 +97,26 @@ class Batcher(Generic[T, R]):
     async def _run(self) -> None:
         while True:
             batch = self._take_batch(await self._queue.get())
+            self._flushing = True
             try:
                 await self._flush_batch(batch)
             finally:
+                self._flushing = False
                 for _ in batch:
                     self._queue.task_done()
 
     async def _flush_batch(self, batch: list[_Pending[T, R]]) -> None:
         try:
             results = await self._flush([p.item for p in batch])
+        except StoreRejected as exc:
+            if len(batch) == 1:
+                log.warning("batch.item_rejected", batcher=self._name, error=exc.message)
+                _fail(batch, exc)
+                return
+            log.warning("batch.rejected_alone", batcher=self._name, size=len(batch))
+            for pending in batch:
+                await self._flush_batch([pending])
+            return
         except StoreUnavailable as exc:
             log.warning(
                 "batch.flush_failed", batcher=self._name, error=exc.message, size=len(batch)

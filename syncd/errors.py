@@ -31,6 +31,10 @@ class StoreUnavailable(SyncdError):
     """The event store is unavailable."""
 
 
+class StoreRejected(StoreUnavailable):
+    """The event store refused a value (too long, say) it cannot hold: not an outage."""
+
+
 class SchemaMismatch(SyncdError):
     """The database schema does not match this version of syncd."""
 

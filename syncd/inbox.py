@@ -36,6 +36,11 @@ class GroupCommitter:
         return self._batcher.task
 
     @property
+    def busy(self) -> bool:
+        """True while a commit is in progress or requests wait for the next one."""
+        return self._batcher.busy
+
+    @property
     def commits(self) -> int:
         """Transactions committed so far."""
         return self._batcher.flushes

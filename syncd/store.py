@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import enum
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime, timedelta
@@ -20,10 +21,10 @@ from typing import Any, Protocol, TypeVar
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Dialect, make_url
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import DataError, IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-from syncd.errors import SchemaMismatch, StoreUnavailable
+from syncd.errors import SchemaMismatch, StoreRejected, StoreUnavailable
 from syncd.facts import Fact, NormalisationError, Version, message_facts, snapshot_url
 from syncd.merge import Current, Decision, Outcome, decide
 
@@ -559,6 +560,23 @@ def create_engine(url: str) -> AsyncEngine:
     )
 
 
+def _sqlite_thread_engine(url: str) -> sa.Engine | None:
+    """A synchronous engine on the same SQLite file, for the store's own thread (see
+    :meth:`SqlStore._transact`); None for an in-memory database, which one engine must own.
+    """
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return None
+    engine = sa.create_engine(
+        parsed.difference_update_query(["timeout"]).set(drivername="sqlite"),
+        # Only the store's thread uses it; disposing may happen on another.
+        connect_args={"timeout": _sqlite_busy_timeout(parsed), "check_same_thread": False},
+    )
+    event.listen(engine, "connect", _sqlite_pragmas)
+    event.listen(engine, "begin", _sqlite_begin)
+    return engine
+
+
 def _insert(dialect_name: str, table: sa.Table) -> Any:
     if dialect_name == "postgresql":
         from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -570,6 +588,8 @@ def _insert(dialect_name: str, table: sa.Table) -> Any:
 
 
 _UNAVAILABLE = (SQLAlchemyError, OSError, asyncio.TimeoutError)
+#: Errors about the statement's values, not about reaching the database.
+_REJECTED = (DataError, IntegrityError)
 
 #: Execution option marking a connection that only reads.
 READ_ONLY = "syncd_read_only"
@@ -583,6 +603,13 @@ class SqlStore:
         self.engine = create_engine(url)
         self.dialect = self.engine.dialect.name
         self._write_lock = asyncio.Lock() if self.dialect == "sqlite" else None
+        #: SQLite file: the hot write transactions run whole in one thread of their own.
+        self._thread_engine = _sqlite_thread_engine(url)
+        self._thread = (
+            ThreadPoolExecutor(1, thread_name_prefix="syncd-store")
+            if self._thread_engine is not None
+            else None
+        )
         self._add_message = (
             _insert(self.dialect, inbox)
             .on_conflict_do_nothing(index_elements=["dedupe_key"])
@@ -597,8 +624,43 @@ class SqlStore:
             try:
                 async with self.engine.begin() as conn:
                     yield conn
+            except _REJECTED as exc:
+                raise StoreRejected(f"event store refused a value: {_describe(exc)}") from exc
             except _UNAVAILABLE as exc:
                 raise StoreUnavailable(f"event store unavailable: {_describe(exc)}") from exc
+
+    async def _transact(self, body: Callable[[Connection], T]) -> T:
+        """Run ``body`` in one write transaction and return what it returns.
+
+        On a SQLite file the whole transaction (BEGIN IMMEDIATE, every statement, COMMIT)
+        runs in the store's own thread with the stdlib driver: one hand-off between the
+        event loop and a thread per transaction, where aiosqlite makes three or four per
+        statement. Elsewhere (PostgreSQL, in-memory SQLite) it runs on the async engine.
+        Either way it has committed when this returns.
+        """
+        async with self._write_lock or contextlib.nullcontext():
+            try:
+                if self._thread is None:
+                    async with self.engine.begin() as conn:
+                        return await conn.run_sync(body)
+                loop = asyncio.get_running_loop()
+                done = loop.run_in_executor(self._thread, self._in_thread, body)
+                try:
+                    return await asyncio.shield(done)
+                except asyncio.CancelledError:
+                    # The thread carries on: hold the write lock until its transaction ended.
+                    with contextlib.suppress(BaseException):
+                        await done
+                    raise
+            except _REJECTED as exc:
+                raise StoreRejected(f"event store refused a value: {_describe(exc)}") from exc
+            except _UNAVAILABLE as exc:
+                raise StoreUnavailable(f"event store unavailable: {_describe(exc)}") from exc
+
+    def _in_thread(self, body: Callable[[Connection], T]) -> T:
+        assert self._thread_engine is not None
+        with self._thread_engine.begin() as conn:
+            return body(conn)
 
     @asynccontextmanager
     async def _read(self) -> AsyncIterator[AsyncConnection]:
@@ -618,12 +680,14 @@ class SqlStore:
         for index, message in enumerate(messages):
             first.setdefault(message.dedupe_key, index)
         rows = [_message_row(messages[i]) for i in first.values()]
-        async with self._begin() as conn:
+
+        def insert(conn: Connection) -> set[str]:
             # One constant statement, executed for many rows: SQLAlchemy caches its
             # compilation and batches the rows itself ("insertmanyvalues"), where building
             # .values(rows) anew for every commit recompiled it each time.
-            result = await conn.execute(self._add_message, rows)
-            inserted = set(result.scalars())
+            return set(conn.execute(self._add_message, rows).scalars())
+
+        inserted = await self._transact(insert)
         return [
             first[m.dedupe_key] == i and m.dedupe_key in inserted for i, m in enumerate(messages)
         ]
@@ -730,52 +794,54 @@ class SqlStore:
         loses nothing and repeats nothing. A message that cannot be normalised is marked
         failed with the reason. On PostgreSQL, SKIP LOCKED lets several instances drain at once.
         """
-        async with self._begin() as conn:
-            stmt = (
-                sa.select(inbox.c.id, inbox.c.message_type, inbox.c.body, inbox.c.source)
-                .where(inbox.c.state == InboxState.PENDING.value)
-                .order_by(inbox.c.id)
-                .limit(limit)
-                .with_for_update(skip_locked=True)
+        return await self._transact(lambda conn: self._process_inbox(conn, limit))
+
+    def _process_inbox(self, conn: Connection, limit: int) -> ProcessResult:
+        stmt = (
+            sa.select(inbox.c.id, inbox.c.message_type, inbox.c.body, inbox.c.source)
+            .where(inbox.c.state == InboxState.PENDING.value)
+            .order_by(inbox.c.id)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+        rows = conn.execute(stmt).all()
+        if not rows:
+            return ProcessResult()
+        items: list[tuple[int | None, Fact]] = []
+        failed: dict[int, str] = {}
+        snapshots = [
+            url
+            for row in rows
+            if row.message_type == "snapshotReady"
+            and (url := snapshot_url(bytes(row.body))) is not None
+        ]
+        for row in rows:
+            try:
+                items.extend(
+                    (row.id, f)
+                    for f in message_facts(row.message_type, bytes(row.body), row.source)
+                )
+            except NormalisationError as exc:
+                failed[row.id] = exc.message
+            except Exception as exc:
+                # A record our normaliser did not foresee must not block the inbox
+                # forever: it is failed, visible in `syncd events`, and can be replayed.
+                failed[row.id] = f"cannot normalise: {type(exc).__name__}: {exc}"
+        decisions, queued = self._apply(conn, items, record=True)
+        now = datetime.now(UTC)
+        done = [row.id for row in rows if row.id not in failed]
+        if done:
+            conn.execute(
+                inbox.update()
+                .where(inbox.c.id.in_(done))
+                .values(state=InboxState.DONE.value, processed_at=now)
             )
-            rows = (await conn.execute(stmt)).all()
-            if not rows:
-                return ProcessResult()
-            items: list[tuple[int | None, Fact]] = []
-            failed: dict[int, str] = {}
-            snapshots = [
-                url
-                for row in rows
-                if row.message_type == "snapshotReady"
-                and (url := snapshot_url(bytes(row.body))) is not None
-            ]
-            for row in rows:
-                try:
-                    items.extend(
-                        (row.id, f)
-                        for f in message_facts(row.message_type, bytes(row.body), row.source)
-                    )
-                except NormalisationError as exc:
-                    failed[row.id] = exc.message
-                except Exception as exc:
-                    # A record our normaliser did not foresee must not block the inbox
-                    # forever: it is failed, visible in `syncd events`, and can be replayed.
-                    failed[row.id] = f"cannot normalise: {type(exc).__name__}: {exc}"
-            decisions, queued = await self._apply(conn, items, record=True)
-            now = datetime.now(UTC)
-            done = [row.id for row in rows if row.id not in failed]
-            if done:
-                await conn.execute(
-                    inbox.update()
-                    .where(inbox.c.id.in_(done))
-                    .values(state=InboxState.DONE.value, processed_at=now)
-                )
-            for message_id, error in failed.items():
-                await conn.execute(
-                    inbox.update()
-                    .where(inbox.c.id == message_id)
-                    .values(state=InboxState.FAILED.value, error=error, processed_at=now)
-                )
+        for message_id, error in failed.items():
+            conn.execute(
+                inbox.update()
+                .where(inbox.c.id == message_id)
+                .values(state=InboxState.FAILED.value, error=error, processed_at=now)
+            )
         return ProcessResult(
             len(rows), len(items), len(failed), queued, tuple(decisions), tuple(snapshots)
         )
@@ -789,14 +855,15 @@ class SqlStore:
         that changed something (the corrections), so the facts table does not grow with
         every nightly pass.
         """
-        async with self._begin() as conn:
-            decisions, queued = await self._apply(
+        decisions, queued = await self._transact(
+            lambda conn: self._apply(
                 conn, [(None, f) for f in items], record=record, record_unchanged=record_unchanged
             )
+        )
         return ProcessResult(0, len(items), 0, queued, tuple(decisions))
 
-    async def _load_entities(
-        self, conn: AsyncConnection, keys: set[tuple[str, str]]
+    def _load_entities(
+        self, conn: Connection, keys: set[tuple[str, str]]
     ) -> dict[tuple[str, str], EntityRecord]:
         found: dict[tuple[str, str], EntityRecord] = {}
         by_type: dict[str, list[str]] = {}
@@ -814,14 +881,14 @@ class SqlStore:
                     .order_by(entities.c.id)
                     .with_for_update(of=entities)
                 )
-                for row in (await conn.execute(stmt)).all():
+                for row in conn.execute(stmt).all():
                     record = EntityRecord.from_row(row)
                     found[(record.entity_type, record.entity_key)] = record
         return found
 
-    async def _apply(
+    def _apply(
         self,
-        conn: AsyncConnection,
+        conn: Connection,
         items: Sequence[tuple[int | None, Fact]],
         *,
         record: bool,
@@ -834,7 +901,7 @@ class SqlStore:
         executemany UPDATE, outbox rows and facts likewise. A batch touching thousands of
         entities costs a handful of round trips instead of several per fact.
         """
-        known = await self._load_entities(conn, {(f.entity_type, f.entity_key) for _, f in items})
+        known = self._load_entities(conn, {(f.entity_type, f.entity_key) for _, f in items})
         now = datetime.now(UTC)
         work: dict[tuple[str, str], _Pending] = {}
         decisions: list[Decision] = []
@@ -850,10 +917,10 @@ class SqlStore:
             if record and (record_unchanged or decision.outcome is Outcome.APPLIED):
                 work.setdefault(key, pending)
                 recorded.append((inbox_id, fact, decision))
-        ids = await self._write_entities(conn, work, now)
-        queued = await self._queue_all(conn, work, ids, now)
+        ids = self._write_entities(conn, work, now)
+        queued = self._queue_all(conn, work, ids, now)
         if recorded:
-            await conn.execute(
+            conn.execute(
                 facts.insert(),
                 [
                     _fact_row(inbox_id, ids[(f.entity_type, f.entity_key)], f, d, now)
@@ -862,8 +929,8 @@ class SqlStore:
             )
         return decisions, queued
 
-    async def _write_entities(
-        self, conn: AsyncConnection, work: Mapping[tuple[str, str], _Pending], now: datetime
+    def _write_entities(
+        self, conn: Connection, work: Mapping[tuple[str, str], _Pending], now: datetime
     ) -> dict[tuple[str, str], int]:
         """Insert new and update changed entities; the id of every entity in ``work``."""
         ids = {key: p.entity.id for key, p in work.items() if p.entity is not None}
@@ -872,7 +939,7 @@ class SqlStore:
             stmt = entities.insert().returning(
                 entities.c.id, entities.c.entity_type, entities.c.entity_key
             )
-            for row in (await conn.execute(stmt, fresh)).all():
+            for row in conn.execute(stmt, fresh).all():
                 ids[(row.entity_type, row.entity_key)] = row.id
         changed = [
             {"b_id": p.entity.id, **{f"b_{c}": p.row(key, now)[c] for c in _ENTITY_WRITE_COLUMNS}}
@@ -885,12 +952,12 @@ class SqlStore:
                 .where(entities.c.id == sa.bindparam("b_id"))
                 .values({c: sa.bindparam(f"b_{c}") for c in _ENTITY_WRITE_COLUMNS})
             )
-            await conn.execute(update, changed)
+            conn.execute(update, changed)
         return ids
 
-    async def _queue_all(
+    def _queue_all(
         self,
-        conn: AsyncConnection,
+        conn: Connection,
         work: Mapping[tuple[str, str], _Pending],
         ids: Mapping[tuple[str, str], int],
         now: datetime,
@@ -929,9 +996,9 @@ class SqlStore:
                 .on_conflict_do_nothing(index_elements=["entity_id"])
                 .returning(outbox.c.id)
             )
-            inserted = len((await conn.execute(stmt, wanted)).all())
+            inserted = len(conn.execute(stmt, wanted).all())
         if revive:
-            await conn.execute(
+            conn.execute(
                 outbox.update()
                 .where(outbox.c.id.in_(revive))
                 .values(
@@ -979,7 +1046,8 @@ class SqlStore:
         flight. A lease left by a crashed worker expires and the row becomes due again.
         """
         now = datetime.now(UTC)
-        async with self._begin() as conn:
+
+        def claim(conn: Connection) -> list[Any]:
             due = (
                 sa.select(outbox.c.id)
                 .where(
@@ -991,10 +1059,10 @@ class SqlStore:
                 .limit(limit)
                 .with_for_update(skip_locked=True)
             )
-            ids = list((await conn.execute(due)).scalars())
+            ids = list(conn.execute(due).scalars())
             if not ids:
                 return []
-            await conn.execute(
+            conn.execute(
                 outbox.update()
                 .where(outbox.c.id.in_(ids))
                 .values(lease_owner=owner, lease_until=now + timedelta(seconds=lease_seconds))
@@ -1016,7 +1084,9 @@ class SqlStore:
                 .where(outbox.c.id.in_(ids))
                 .order_by(outbox.c.next_attempt_at, outbox.c.id)
             )
-            rows = (await conn.execute(stmt)).all()
+            return list(conn.execute(stmt).all())
+
+        rows = await self._transact(claim)
         return [
             ClaimedDelivery(
                 outbox_id=r.outbox_id,
@@ -1045,15 +1115,16 @@ class SqlStore:
         A row whose lease another worker holds now (ours expired) is left to that worker.
         """
         now = datetime.now(UTC)
-        async with self._begin() as conn:
-            await conn.execute(
+
+        def complete(conn: Connection) -> None:
+            conn.execute(
                 delivery_attempts.insert(),
                 [
                     _attempt_row(d.claim, d.owner, d.started_at, now, "delivered", d.status, None)
                     for d in done
                 ],
             )
-            await conn.execute(
+            conn.execute(
                 entities.update()
                 .where(entities.c.id == sa.bindparam("b_id"))
                 .values(
@@ -1072,14 +1143,12 @@ class SqlStore:
             )
             current = {
                 row.id: row
-                for row in (
-                    await conn.execute(
-                        sa.select(
-                            outbox.c.id, outbox.c.lease_owner, outbox.c.replay, entities.c.revision
-                        )
-                        .join(entities, entities.c.id == outbox.c.entity_id)
-                        .where(outbox.c.id.in_([d.claim.outbox_id for d in done]))
+                for row in conn.execute(
+                    sa.select(
+                        outbox.c.id, outbox.c.lease_owner, outbox.c.replay, entities.c.revision
                     )
+                    .join(entities, entities.c.id == outbox.c.entity_id)
+                    .where(outbox.c.id.in_([d.claim.outbox_id for d in done]))
                 ).all()
             }
             finished: list[int] = []
@@ -1091,10 +1160,10 @@ class SqlStore:
                 unchanged = row.revision == d.claim.revision and row.replay == d.claim.replay
                 (finished if unchanged else changed).append(d.claim.outbox_id)
             if finished:
-                await conn.execute(outbox.delete().where(outbox.c.id.in_(finished)))
+                conn.execute(outbox.delete().where(outbox.c.id.in_(finished)))
             if changed:
                 # The entity moved on while its call was in flight: send the new state now.
-                await conn.execute(
+                conn.execute(
                     outbox.update()
                     .where(outbox.c.id.in_(changed))
                     .values(
@@ -1107,6 +1176,8 @@ class SqlStore:
                         updated_at=now,
                     )
                 )
+
+        await self._transact(complete)
         return [None] * len(done)
 
     async def fail_delivery(
@@ -1123,8 +1194,9 @@ class SqlStore:
         """Record a failed attempt; retry at ``retry_at``, or dead-letter when it is None."""
         now = datetime.now(UTC)
         outcome = "permanent" if permanent else "transient"
-        async with self._begin() as conn:
-            await conn.execute(
+
+        def fail(conn: Connection) -> None:
+            conn.execute(
                 delivery_attempts.insert().values(
                     **_attempt_row(claim, owner, started_at, now, outcome, status, error)
                 )
@@ -1137,12 +1209,10 @@ class SqlStore:
                 "last_error": error,
                 "updated_at": now,
             }
-            revision = (
-                await conn.execute(
-                    sa.select(entities.c.revision)
-                    .where(entities.c.id == claim.entity_id)
-                    .with_for_update()
-                )
+            revision = conn.execute(
+                sa.select(entities.c.revision)
+                .where(entities.c.id == claim.entity_id)
+                .with_for_update()
             ).scalar()
             if retry_at is not None:
                 values["next_attempt_at"] = retry_at
@@ -1152,11 +1222,13 @@ class SqlStore:
                 # The entity moved on while this version was in flight: the refusal was of
                 # an old state, so the new one gets its own attempts instead of a dead letter.
                 values.update(attempts=0, next_attempt_at=now)
-            await conn.execute(
+            conn.execute(
                 outbox.update()
                 .where(outbox.c.id == claim.outbox_id, outbox.c.lease_owner == owner)
                 .values(**values)
             )
+
+        await self._transact(fail)
 
     async def release_leases(self, owner: str) -> int:
         """Give back every lease ``owner`` holds, so another worker can take the rows now."""
@@ -1544,6 +1616,12 @@ class SqlStore:
     async def close(self) -> None:
         """Close every pooled connection."""
         await self.engine.dispose()
+        if self._thread is not None and self._thread_engine is not None:
+            await asyncio.get_running_loop().run_in_executor(
+                self._thread, self._thread_engine.dispose
+            )
+            self._thread.shutdown(wait=False)
+            self._thread = None  # closing twice is harmless
 
 
 def _message_row(message: NewMessage) -> dict[str, Any]:

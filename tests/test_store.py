@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import sqlite3
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -14,7 +15,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy.engine import Connection, make_url
 
-from syncd.errors import SchemaMismatch, StoreUnavailable
+from syncd.errors import SchemaMismatch, StoreRejected, StoreUnavailable
 from syncd.inbox import GroupCommitter
 from syncd.store import (
     InboxState,
@@ -151,6 +152,26 @@ async def test_group_commit_answers_each_request_its_own_rows(store: SqlStore) -
     assert (first, second) == ([True, False], [True])
 
 
+async def test_a_value_the_store_refuses_fails_only_its_own_request(store: SqlStore) -> None:
+    """A request whose row the database refuses (a NOT NULL broken here) is retried alone:
+    the requests committed with it still get their rows, instead of all getting 503."""
+    committer = GroupCommitter(store)
+    await committer.start()
+    try:
+        results = await asyncio.gather(
+            committer.submit([message("good-1")]),
+            committer.submit([dataclasses.replace(message("bad"), message_type=None)]),
+            committer.submit([message("good-2")]),
+            return_exceptions=True,
+        )
+    finally:
+        await committer.stop()
+    assert results[0] == [True]
+    assert isinstance(results[1], StoreRejected)
+    assert results[2] == [True]
+    assert sorted(m.dedupe_key for m in await store.list_messages()) == ["good-1", "good-2"]
+
+
 async def test_schema_status(backend: str, empty_store_url: Callable[[str], str]) -> None:
     """An empty database is reported empty, a migrated one current, an unknown revision ahead."""
     store = SqlStore(empty_store_url(backend))
@@ -252,3 +273,75 @@ async def test_prune_job_uses_dedupe_retention(store: SqlStore) -> None:
         await store.set_message_state(stored.id, InboxState.DONE)
     await prune_inbox(store, retention=timedelta(days=1).total_seconds())
     assert [m.dedupe_key for m in await store.list_messages()] == ["young"]
+
+
+async def test_sqlite_file_writes_run_whole_in_the_store_thread(tmp_path: Path) -> None:
+    """On a SQLite file a write transaction runs whole in the store's own thread (one
+    hand-off per transaction); on an in-memory database it runs on the async engine."""
+    import threading
+
+    def where(conn: Connection) -> str:
+        conn.execute(sa.text("SELECT 1"))
+        return threading.current_thread().name
+
+    on_file = SqlStore(f"sqlite+aiosqlite:///{tmp_path / 't.db'}")
+    in_memory = SqlStore("sqlite+aiosqlite:///:memory:")
+    try:
+        await on_file.migrate()
+        assert (await on_file._transact(where)).startswith("syncd-store")
+        assert await in_memory._transact(where) == threading.current_thread().name
+        # The thread's transactions and the async engine's reads see the same database.
+        assert await on_file.add_messages([message("m1"), message("m1")]) == [True, False]
+        assert (await on_file.process_inbox()).messages == 1
+        # (An empty body cannot be normalised: failed, but no longer pending.)
+        assert [m.state for m in await on_file.list_messages()] == [InboxState.FAILED]
+    finally:
+        await on_file.close()
+        await in_memory.close()
+
+
+async def test_cancelled_write_keeps_the_lock_until_its_transaction_ended(
+    tmp_path: Path,
+) -> None:
+    """A caller cancelled while the store's thread runs its transaction does not release the
+    write lock early: the next writer starts only after that transaction has ended."""
+    import threading
+    import time
+
+    store = SqlStore(f"sqlite+aiosqlite:///{tmp_path / 'c.db'}")
+    await store.migrate()
+    started, finished = threading.Event(), threading.Event()
+
+    def slow(conn: Connection) -> None:
+        started.set()
+        conn.execute(sa.text("SELECT 1"))
+        time.sleep(0.3)
+        finished.set()
+
+    try:
+        task = asyncio.create_task(store._transact(slow))
+        await asyncio.get_running_loop().run_in_executor(None, started.wait, 5.0)
+        task.cancel()
+        assert await store.add_messages([message("after")]) == [True]
+        assert finished.is_set()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    finally:
+        await store.close()
+
+
+async def test_group_commit_is_busy_while_committing(store: SqlStore) -> None:
+    """GroupCommitter.busy (what the merge yields to) is true only while a commit is queued
+    or in progress."""
+    committer = GroupCommitter(store)
+    await committer.start()
+    try:
+        assert not committer.busy
+        pending = asyncio.ensure_future(committer.submit([message("b1")]))
+        await asyncio.sleep(0)
+        assert committer.busy
+        assert await pending == [True]
+        await asyncio.sleep(0)
+        assert not committer.busy
+    finally:
+        await committer.stop()
