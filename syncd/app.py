@@ -134,7 +134,13 @@ def create_app(
         snapshots.add(task)
         task.add_done_callback(snapshots.discard)
 
-    app[MERGER] = merger = Merger(store, on_queued=deliverer.notify, on_snapshot=on_snapshot)
+    app[MERGER] = merger = Merger(
+        store,
+        on_queued=deliverer.notify,
+        on_snapshot=on_snapshot,
+        # While webhooks are being committed the merge waits a little (MERGE_LINGER).
+        busy=lambda: committer.busy,
+    )
     committer = GroupCommitter(store, on_commit=merger.notify)
     app[RECEIVER] = WebhookReceiver(settings, store, committer, metrics)
     add_routes(app, settings, app[RECEIVER])

@@ -36,6 +36,11 @@ IDLE_POLL = 1.0
 #: A lease outlives the longest call (ERP timeout, plus in-call connection retries) with room
 #: to record the outcome; after it, a row held by a dead worker is delivered again.
 LEASE_MARGIN = 5.0
+#: With more than half of the workers busy, the dispatcher waits up to this long for more of
+#: them to finish before it claims: one claim transaction for several free slots, instead of
+#: one per finished call (each is a write transaction, and on SQLite it queues with the
+#: webhook commits for the one write lock).
+CLAIM_LINGER = 0.005
 
 
 def backoff_delay(attempt: int, initial: float, maximum: float, rng: random.Random) -> float:
@@ -115,10 +120,19 @@ class Deliverer:
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
+        linger_until: float | None = None
         while not self._stopping:
             self.last_tick = loop.time()
             self._wake.clear()
             free = self._settings.concurrency - len(self._in_flight)
+            if 0 < free < self._settings.concurrency / 2:
+                # Most workers are busy: let a few more finish first (CLAIM_LINGER).
+                if linger_until is None:
+                    linger_until = loop.time() + CLAIM_LINGER
+                if loop.time() < linger_until:
+                    await self._sleep(linger_until - loop.time())
+                    continue
+            linger_until = None
             claimed: list[ClaimedDelivery] = []
             if free > 0:
                 try:

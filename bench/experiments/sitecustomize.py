@@ -121,8 +121,18 @@ def sqllog() -> None:
     logging.getLogger("sqlalchemy.engine.Engine").setLevel(logging.INFO)
 
 
+def no_linger() -> None:
+    """The merge never yields to webhook commits and the dispatcher claims as soon as one
+    worker is free (MERGE_LINGER = CLAIM_LINGER = 0): the pacing before it was added."""
+    from syncd import delivery, merge
+
+    merge.MERGE_LINGER = 0.0
+    delivery.CLAIM_LINGER = 0.0
+
+
 PATCHES: dict[str, Callable[[], None]] = {
     "ingest-only": ingest_only,
+    "no-linger": no_linger,
     "executemany": executemany,
     "locktrace": locktrace,
     "sqllog": sqllog,
