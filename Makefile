@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 LINT_PATHS := syncd tests alembic $(wildcard bench)
 
-.PHONY: test run run-daemon lint typecheck services bench-ingest clean
+.PHONY: test run run-daemon lint typecheck services bench bench-ingest reliability clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,20 @@ run: $(STAMP)
 # The daemon alone with config/syncd.dev.toml (state in ./.state/).
 run-daemon: $(STAMP)
 	bash scripts/dev-run.sh
+
+BENCH_STAMP := $(VENV)/.bench-stamp
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
+	touch $(BENCH_STAMP)
+
+# The reliability suite at full scale (CI runs it small, inside `make test`).
+reliability: $(STAMP) services
+	SYNCD_RELIABILITY=full $(BIN)/pytest tests/reliability $(PYTEST_ARGS)
+
+# syncd beside the integration guide's Flask + gunicorn + Redis design and a bare handler.
+# Needs wrk (apt-get install wrk), PostgreSQL and Redis; BENCH_ARGS=--help lists the knobs.
+bench: $(BENCH_STAMP) services
+	$(BIN)/python bench/compare.py $(BENCH_ARGS)
 
 # Needs wrk (apt-get install wrk) and PostgreSQL; BENCH_ARGS=--help lists the knobs.
 bench-ingest: $(STAMP) services

@@ -72,7 +72,7 @@ SCRATCH_FAST = Path("/dev/shm")
 #: Seconds from the start during which a disturbed phase may be run again.
 RETRY_BUDGET = 75.0
 #: The patches bench/experiments/sitecustomize.py knows (``--patch``).
-EXPERIMENTS = ("ingest-only", "executemany", "locktrace", "sqllog")
+EXPERIMENTS = ("ingest-only", "executemany", "locktrace", "sqllog", "no-linger")
 #: A phase is "quiet" when processes that are not ours use less than this % of a core.
 QUIET_LIMIT = 10.0
 
@@ -372,9 +372,9 @@ def run_wrk(target: Target, requests: Path, seconds: float, load: Load) -> dict[
 
 
 def run_openloop(
-    target: Target, requests: Path, rate: float, seconds: float, acked: Path
+    target: Target, requests: Path, rate: float, seconds: float, acked: Path, *extra: str
 ) -> dict[str, Any]:
-    """One fixed-rate run of bench/openloop.py against ``target``."""
+    """One fixed-rate run of bench/openloop.py against ``target`` (``extra``: more options)."""
     argv = [
         str(PYTHON),
         str(BENCH / "openloop.py"),
@@ -383,6 +383,7 @@ def run_openloop(
         f"--rate={rate:g}",
         f"--duration={seconds:g}",
         f"--acked={acked}",
+        *extra,
     ]
     with cpu_usage(target.pids()) as usage:
         done = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 120)

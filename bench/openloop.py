@@ -11,6 +11,10 @@ into raw HTTP/1.1 requests before the clock starts. Connections are keep-alive a
 request takes an idle connection or opens a new one (up to ``--max-connections``; beyond that
 it waits, and the wait counts). It prints one JSON object and writes the acknowledged message
 ids (answer 200 "received") to ``--acked`` so the caller can check each one is stored.
+``--ack-2xx`` counts any 2xx answer as an acknowledgement (a receiver that answers
+``{"status": "queued"}``), and ``--sent FILE`` also writes "<id> <wall-clock ns>" per
+acknowledged request, the ``time.time_ns()`` at which it was sent, so a receiving side on the same
+machine (an ERP sink) can time the whole path.
 
     python bench/openloop.py --port N --requests FILE --rate 1000 --duration 30 --acked FILE
 """
@@ -23,6 +27,7 @@ import contextlib
 import json
 import math
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +43,7 @@ class Result:
     send_lags: list[float] = field(default_factory=list)
     statuses: dict[str, int] = field(default_factory=dict)
     acked: list[str] = field(default_factory=list)
+    sent_ns: list[int] = field(default_factory=list)
     duplicate: int = 0
     errors: dict[str, int] = field(default_factory=dict)
     connections_opened: int = 0
@@ -93,8 +99,11 @@ def load_requests(path: Path, port: int, url_path: str) -> list[tuple[str, bytes
 class Generator:
     """Sends ``requests`` at a fixed rate over a pool of keep-alive connections."""
 
-    def __init__(self, port: int, max_connections: int, timeout: float) -> None:
+    def __init__(
+        self, port: int, max_connections: int, timeout: float, *, ack_2xx: bool = False
+    ) -> None:
         self.port = port
+        self.ack_2xx = ack_2xx
         self.result = Result()
         self._idle: list[Connection] = []
         self._slots = asyncio.Semaphore(max_connections)
@@ -119,6 +128,7 @@ class Generator:
             try:
                 conn = self._idle.pop() if self._idle else await self._open()
                 self.result.send_lags.append(loop.time() - scheduled)
+                sent_ns = time.time_ns()
                 status, body, keep = await asyncio.wait_for(conn.exchange(request), self._timeout)
             except TimeoutError:
                 self.result.error("timeout")
@@ -133,8 +143,9 @@ class Generator:
             self.result.latencies.append(loop.time() - scheduled)
             key = str(status)
             self.result.statuses[key] = self.result.statuses.get(key, 0) + 1
-            if status == 200 and b'"received"' in body:
+            if (status == 200 and b'"received"' in body) or (self.ack_2xx and status // 100 == 2):
                 self.result.acked.append(message_id)
+                self.result.sent_ns.append(sent_ns)
             elif status == 200 and b'"duplicate"' in body:
                 self.result.duplicate += 1
             if keep:
@@ -188,7 +199,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     wanted = round(args.rate * args.duration)
     if len(requests) < wanted:
         raise SystemExit(f"openloop: {args.requests} has {len(requests)} lines, need {wanted}")
-    generator = Generator(args.port, args.max_connections, args.timeout)
+    generator = Generator(args.port, args.max_connections, args.timeout, ack_2xx=args.ack_2xx)
     try:
         await generator.prewarm(args.prewarm)
         elapsed = await generator.run(requests[:wanted], args.rate)
@@ -196,6 +207,9 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         generator.close()
     result = generator.result
     args.acked.write_text("".join(f"{m}\n" for m in result.acked))
+    if args.sent is not None:
+        pairs = zip(result.acked, result.sent_ns, strict=True)
+        args.sent.write_text("".join(f"{m} {ns}\n" for m, ns in pairs))
     return {
         "rate": args.rate,
         "duration_s": args.duration,
@@ -220,6 +234,10 @@ def main() -> None:
     parser.add_argument("--rate", type=float, required=True, help="requests per second")
     parser.add_argument("--duration", type=float, required=True, help="seconds")
     parser.add_argument("--acked", type=Path, required=True, help="write acked ids here")
+    parser.add_argument(
+        "--ack-2xx", action="store_true", help='any 2xx acknowledges, not only 200 "received"'
+    )
+    parser.add_argument("--sent", type=Path, help="write '<id> <send time_ns>' of acked here")
     parser.add_argument("--prewarm", type=int, default=32, help="connections opened first")
     parser.add_argument("--max-connections", type=int, default=1024)
     parser.add_argument("--timeout", type=float, default=10.0, help="per request, seconds")
