@@ -87,6 +87,8 @@ class Deliverer:
         self._wake = asyncio.Event()
         self._stopping = False
         self._in_flight: set[asyncio.Task[None]] = set()
+        #: Outcomes of answered calls waiting for their shared transaction (see _deliver).
+        self._recording: set[asyncio.Task[None]] = set()
         self.task: asyncio.Task[None] | None = None
         #: Monotonic time of the dispatcher's last loop: the watchdog's sign of life.
         self.last_tick = 0.0
@@ -112,6 +114,8 @@ class Deliverer:
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
+        # Answered calls are recorded before the leases of the rest are given back.
+        await asyncio.gather(*self._recording, return_exceptions=True)
         await self._completions.stop()
         with contextlib.suppress(StoreUnavailable):
             released = await self._store.release_leases(self.owner)
@@ -196,11 +200,21 @@ class Deliverer:
             latency_ms=round(result.elapsed * 1000, 3),
             source=claim.source,
         )
-        # Completions from concurrent workers share one transaction.
-        await self._record(
-            self._completions.submit(Completion(claim, self.owner, started, result.status)),
-            claim,
+        # Completions from concurrent workers share one transaction, and the worker's slot is
+        # free as soon as the ERP has answered: the row keeps its lease until the completion
+        # commits, so nobody claims it meanwhile, and the next claim need not wait for it.
+        recording = asyncio.ensure_future(
+            self._record(
+                self._completions.submit(Completion(claim, self.owner, started, result.status)),
+                claim,
+            )
         )
+        self._recording.add(recording)
+        recording.add_done_callback(self._recorded)
+
+    def _recorded(self, task: asyncio.Task[None]) -> None:
+        self._recording.discard(task)
+        self._wake.set()  # the row may be due again (its entity changed while in flight)
 
     def verdict(self, claim: ClaimedDelivery, exc: DeliveryError) -> Verdict:
         """Retry time for a failure, or dead-letter (retry_at None)."""

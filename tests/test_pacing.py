@@ -121,3 +121,46 @@ async def test_dispatcher_claims_several_free_slots_at_once(
         for _ in range(32):
             erp.gate.release()
         await deliverer.stop(grace=1.0)
+
+
+class SlowCompletions(Outbox):
+    """An outbox whose completions commit only when the test says so."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.committed = asyncio.Event()
+
+    async def complete_deliveries(self, done: Any) -> list[None]:
+        await self.committed.wait()
+        return [None] * len(done)
+
+
+class CountingErp:
+    """Answers at once; counts the calls."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def deliver(self, delivery: Delivery) -> DeliveryResult:
+        self.calls += 1
+        return DeliveryResult(200, 0.0)
+
+    async def close(self) -> None:
+        return None
+
+
+async def test_a_slot_is_free_once_the_erp_answers_not_once_the_outcome_commits() -> None:
+    """The next call does not wait for the previous one's completion to commit (the row's
+    lease keeps it from being claimed again meanwhile); stop() still waits for it."""
+    store, erp = SlowCompletions(), CountingErp()
+    deliverer = Deliverer(store, erp, ErpSettings(concurrency=1))  # type: ignore[arg-type]
+    await deliverer.start()
+    try:
+        await until(lambda: erp.calls >= 5)  # five calls, no completion committed yet
+        assert not store.committed.is_set()
+    finally:
+        stopping = asyncio.create_task(deliverer.stop(grace=1.0))
+        await asyncio.sleep(0.2)
+        assert not stopping.done(), "stop() must wait for the outcomes to be recorded"
+        store.committed.set()
+        await stopping
