@@ -335,8 +335,11 @@ _ORDER_RANK = {
 }
 
 
-def _shipping_rank(status: str) -> int:
-    # Carrier stages come after fulfilled; a canceled order is final.
+def _shipping_rank(status: str | None) -> int:
+    # Carrier stages come after fulfilled; a canceled order is final. An order first known
+    # from a polled shipment has no status yet: anything may follow it.
+    if status is None:
+        return -1
     return _ORDER_RANK.get(status, 5)
 
 
@@ -452,6 +455,7 @@ def audit_erp(erp: ErpTakesEffect, audit: Audit) -> None:
     seen_keys: dict[str, set[str]] = {}
     last_body: dict[str, Any] = {}
     best_rank: dict[str, int] = {}
+    best_status: dict[str, str] = {}
     for call in erp.applied:
         key = call.headers.get("Idempotency-Key", "")
         keys = seen_keys.setdefault(call.path, set())
@@ -462,10 +466,15 @@ def audit_erp(erp: ErpTakesEffect, audit: Audit) -> None:
         keys.add(key)
         last_body[call.path] = call.body
         if call.path.startswith("/api/orders/") and isinstance(call.body, dict):
-            rank = _shipping_rank(str(call.body.get("status")))
-            if rank < best_rank.get(call.path, -1) and call.body.get("status") != "canceled":
-                audit.regressions.append(f"{call.path}: {call.body.get('status')} after more")
-            best_rank[call.path] = max(rank, best_rank.get(call.path, -1))
+            status = call.body.get("status")
+            rank = _shipping_rank(status)
+            if rank < best_rank.get(call.path, -1) and status != "canceled":
+                audit.regressions.append(
+                    f"{call.path}: {status} after {best_status[call.path]} "
+                    f"({key}, from {call.headers.get('X-Syncd-Source')})"
+                )
+            if rank >= best_rank.get(call.path, -1):
+                best_rank[call.path], best_status[call.path] = rank, str(status)
 
 
 # --- the rig ------------------------------------------------------------------------------------

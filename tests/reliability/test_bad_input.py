@@ -442,8 +442,11 @@ def key_of(identifier: Any, raw: bytes) -> str:
     if identifier is None or identifier == "":
         return "sha256:" + hashlib.sha256(raw).hexdigest()
     text = str(identifier)
-    if len(text) > 255:  # longer ids are hashed to fit the key column
-        return "sha256-id:" + hashlib.sha256(text.encode()).hexdigest()
+    # Ids too long for the key column, or holding what a database cannot store (NUL, a lone
+    # surrogate), are hashed.
+    unstorable = any(c == "\x00" or 0xD800 <= ord(c) <= 0xDFFF for c in text)
+    if len(text) > 255 or unstorable:
+        return "sha256-id:" + hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
     return text
 
 

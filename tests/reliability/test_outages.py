@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections import Counter
 from pathlib import Path
 
 from aiohttp import web
@@ -91,9 +92,16 @@ async def test_postgresql_stopped_under_load_answers_503_and_recovers_without_re
             # for requests that committed just before the stop).
             inside = [a for a in sent if window["down"] + 1 <= a.at <= window["up"] - 1]
             statuses = {a.status for a in inside}
-            print(f"answers while the store was down: {statuses}")
+            errors = Counter(a.error for a in inside if a.status is None)
+            print(f"answers while the store was down: {statuses}, errors {dict(errors)}")
             assert rig.daemon.pid == pid, "the daemon was restarted"
             assert rig.daemon.alive
             assert rig.daemon.starts == 1
             assert inside, "no webhook arrived during the outage"
-            assert statuses <= {503}, f"answers other than 503 while the store was down: {statuses}"
+            # Every answer was 503. At full scale some requests also time out in the
+            # simulator's own connection queue (thousands of retries through 100
+            # connections): not answers, and not acknowledgements either.
+            assert 503 in statuses, f"no 503 while the store was down: {statuses}"
+            answered = statuses - {None}
+            assert answered == {503}, f"answers other than 503 while the store was down: {statuses}"
+            assert set(errors) <= {"TimeoutError"}, errors
