@@ -1269,17 +1269,24 @@ class SqlStore:
         return count
 
     async def _requeue_one(self, conn: AsyncConnection, entity_id: int, now: datetime) -> int:
-        row = (
+        locked = (
             await conn.execute(
-                sa.select(entities.c.replays, outbox.c.id, outbox.c.state)
-                .select_from(entities.outerjoin(outbox, outbox.c.entity_id == entities.c.id))
-                .where(entities.c.id == entity_id)
-                .with_for_update(of=entities)
+                sa.select(entities.c.replays).where(entities.c.id == entity_id).with_for_update()
             )
         ).first()
-        if row is None or row.state == OutboxState.PENDING.value:
-            return 0  # unknown, or already on its way
-        replays = row.replays + 1
+        if locked is None:
+            return 0  # unknown
+        # Read the outbox row only now, holding the entity's lock: read in the locking
+        # statement, PostgreSQL would show the row as it was before the wait, possibly one
+        # a completion has deleted since (see _queue_all).
+        row = (
+            await conn.execute(
+                sa.select(outbox.c.id, outbox.c.state).where(outbox.c.entity_id == entity_id)
+            )
+        ).first()
+        if row is not None and row.state == OutboxState.PENDING.value:
+            return 0  # already on its way
+        replays = locked.replays + 1
         await conn.execute(
             entities.update().where(entities.c.id == entity_id).values(replays=replays)
         )
@@ -1292,7 +1299,7 @@ class SqlStore:
             "replay": replays,
             "updated_at": now,
         }
-        if row.id is None:
+        if row is None:
             await conn.execute(
                 outbox.insert().values(entity_id=entity_id, created_at=now, **values)
             )

@@ -309,3 +309,34 @@ async def test_merge_blocked_behind_a_completion_still_queues_its_change(
     finally:
         await store.close()
         await _truncate(pg_migrated_url)  # the run's database is shared by later tests
+
+
+@pytest.mark.postgres
+async def test_replay_blocked_behind_a_completion_queues_the_replay(pg_migrated_url: str) -> None:
+    """PostgreSQL: a replay that waits for the entity lock of a completion, which then
+    deletes the outbox row, must queue the replay, not answer "already on its way"."""
+    store = SqlStore(pg_migrated_url)
+    try:
+        await store.apply_facts([stock("SKU-replay", 5, 1)])
+        [claim] = await store.claim_deliveries("w", 1, 30)
+        dsn = make_url(pg_migrated_url).set(drivername="postgresql")
+        completion = await asyncpg.connect(dsn.render_as_string(hide_password=False))
+        try:
+            tx = completion.transaction()
+            await tx.start()
+            await completion.execute(
+                "UPDATE entities SET delivered_revision = 1 WHERE id = $1", claim.entity_id
+            )
+            replay = asyncio.create_task(store.requeue([claim.entity_id]))
+            await asyncio.sleep(0.5)
+            assert not replay.done(), "the replay should wait for the entity's lock"
+            await completion.execute("DELETE FROM outbox WHERE id = $1", claim.outbox_id)
+            await tx.commit()
+            assert await replay == 1
+        finally:
+            await completion.close()
+        [again] = await store.claim_deliveries("w", 1, 30)
+        assert again.replay == 1
+    finally:
+        await store.close()
+        await _truncate(pg_migrated_url)
