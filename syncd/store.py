@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, fields
@@ -591,6 +591,18 @@ _UNAVAILABLE = (SQLAlchemyError, OSError, asyncio.TimeoutError)
 #: Errors about the statement's values, not about reaching the database.
 _REJECTED = (DataError, IntegrityError)
 
+
+@contextlib.contextmanager
+def _store_errors() -> Iterator[None]:
+    """Driver and connection errors as the store's own: StoreRejected, else StoreUnavailable."""
+    try:
+        yield
+    except _REJECTED as exc:
+        raise StoreRejected(f"event store refused a value: {_describe(exc)}") from exc
+    except _UNAVAILABLE as exc:
+        raise StoreUnavailable(f"event store unavailable: {_describe(exc)}") from exc
+
+
 #: Execution option marking a connection that only reads.
 READ_ONLY = "syncd_read_only"
 
@@ -621,13 +633,9 @@ class SqlStore:
         # SQLite has one writer at a time. Queueing our own writers here, in the event loop,
         # is fairer and faster than letting them spin in SQLite's busy handler.
         async with self._write_lock or contextlib.nullcontext():
-            try:
+            with _store_errors():
                 async with self.engine.begin() as conn:
                     yield conn
-            except _REJECTED as exc:
-                raise StoreRejected(f"event store refused a value: {_describe(exc)}") from exc
-            except _UNAVAILABLE as exc:
-                raise StoreUnavailable(f"event store unavailable: {_describe(exc)}") from exc
 
     async def _transact(self, body: Callable[[Connection], T]) -> T:
         """Run ``body`` in one write transaction and return what it returns.
@@ -639,7 +647,7 @@ class SqlStore:
         Either way it has committed when this returns.
         """
         async with self._write_lock or contextlib.nullcontext():
-            try:
+            with _store_errors():
                 if self._thread is None:
                     async with self.engine.begin() as conn:
                         return await conn.run_sync(body)
@@ -652,10 +660,6 @@ class SqlStore:
                     with contextlib.suppress(BaseException):
                         await done
                     raise
-            except _REJECTED as exc:
-                raise StoreRejected(f"event store refused a value: {_describe(exc)}") from exc
-            except _UNAVAILABLE as exc:
-                raise StoreUnavailable(f"event store unavailable: {_describe(exc)}") from exc
 
     def _in_thread(self, body: Callable[[Connection], T]) -> T:
         assert self._thread_engine is not None
@@ -664,12 +668,10 @@ class SqlStore:
 
     @asynccontextmanager
     async def _read(self) -> AsyncIterator[AsyncConnection]:
-        try:
+        with _store_errors():
             async with self.engine.connect() as conn:
                 await conn.execution_options(**{READ_ONLY: True})
                 yield conn
-        except _UNAVAILABLE as exc:
-            raise StoreUnavailable(f"event store unavailable: {_describe(exc)}") from exc
 
     async def add_messages(self, messages: Sequence[NewMessage]) -> list[bool]:
         """Store messages in one transaction; True for each one not seen before.
@@ -941,11 +943,13 @@ class SqlStore:
             )
             for row in conn.execute(stmt, fresh).all():
                 ids[(row.entity_type, row.entity_key)] = row.id
-        changed = [
-            {"b_id": p.entity.id, **{f"b_{c}": p.row(key, now)[c] for c in _ENTITY_WRITE_COLUMNS}}
-            for key, p in work.items()
-            if p.entity is not None and p.folded
-        ]
+        changed = []
+        for key, p in work.items():
+            if p.entity is not None and p.folded:
+                values = p.row(key, now)
+                changed.append(
+                    {"b_id": p.entity.id, **{f"b_{c}": values[c] for c in _ENTITY_WRITE_COLUMNS}}
+                )
         if changed:
             update = (
                 entities.update()
