@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Coroutine
 from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
 
 import asyncpg
 import pytest
 from sqlalchemy.engine import make_url
 
 from syncd.facts import Fact, Version, inventory_fact, order_fact
-from syncd.store import OutboxState, SqlStore
+from syncd.store import ClaimedDelivery, OutboxState, SqlStore
 from tests.conftest import _truncate
+
+T = TypeVar("T")
 
 
 def shipped(key: str, *tracking: str) -> Fact:
@@ -273,6 +277,31 @@ async def test_permanent_failure_of_an_old_version_does_not_dead_letter_a_newer_
     assert (second.revision, second.state["total_available_to_sell"]) == (2, 4)
 
 
+async def behind_a_completion(
+    url: str, claim: ClaimedDelivery, blocked: Coroutine[Any, Any, T]
+) -> T:
+    """Run ``blocked`` while a second connection is part way through a completion of
+    ``claim``: the completion holds the entity's lock (as complete_deliveries does first),
+    ``blocked`` must wait for it, and the completion then deletes the outbox row and
+    commits. ``blocked``'s result once it could go on."""
+    dsn = make_url(url).set(drivername="postgresql")
+    completion = await asyncpg.connect(dsn.render_as_string(hide_password=False))
+    try:
+        tx = completion.transaction()
+        await tx.start()
+        await completion.execute(
+            "UPDATE entities SET delivered_revision = 1 WHERE id = $1", claim.entity_id
+        )
+        task = asyncio.create_task(blocked)
+        await asyncio.sleep(0.5)
+        assert not task.done(), "it should wait for the entity's lock"
+        await completion.execute("DELETE FROM outbox WHERE id = $1", claim.outbox_id)
+        await tx.commit()
+        return await task
+    finally:
+        await completion.close()
+
+
 @pytest.mark.postgres
 async def test_merge_blocked_behind_a_completion_still_queues_its_change(
     pg_migrated_url: str,
@@ -284,23 +313,9 @@ async def test_merge_blocked_behind_a_completion_still_queues_its_change(
     try:
         await store.apply_facts([stock("SKU-race", 5, 1)])
         [claim] = await store.claim_deliveries("w", 1, 30)
-        dsn = make_url(pg_migrated_url).set(drivername="postgresql")
-        completion = await asyncpg.connect(dsn.render_as_string(hide_password=False))
-        try:
-            # The completion's first steps: lock the entity, as complete_deliveries does.
-            tx = completion.transaction()
-            await tx.start()
-            await completion.execute(
-                "UPDATE entities SET delivered_revision = 1 WHERE id = $1", claim.entity_id
-            )
-            merge = asyncio.create_task(store.apply_facts([stock("SKU-race", 4, 2)]))
-            await asyncio.sleep(0.5)
-            assert not merge.done(), "the merge should wait for the entity's lock"
-            await completion.execute("DELETE FROM outbox WHERE id = $1", claim.outbox_id)
-            await tx.commit()
-            await merge
-        finally:
-            await completion.close()
+        await behind_a_completion(
+            pg_migrated_url, claim, store.apply_facts([stock("SKU-race", 4, 2)])
+        )
         entity = await store.get_entity("inventory", "SKU-race")
         assert entity is not None
         assert (entity.revision, entity.outbox_state) == (2, OutboxState.PENDING)
@@ -319,22 +334,9 @@ async def test_replay_blocked_behind_a_completion_queues_the_replay(pg_migrated_
     try:
         await store.apply_facts([stock("SKU-replay", 5, 1)])
         [claim] = await store.claim_deliveries("w", 1, 30)
-        dsn = make_url(pg_migrated_url).set(drivername="postgresql")
-        completion = await asyncpg.connect(dsn.render_as_string(hide_password=False))
-        try:
-            tx = completion.transaction()
-            await tx.start()
-            await completion.execute(
-                "UPDATE entities SET delivered_revision = 1 WHERE id = $1", claim.entity_id
-            )
-            replay = asyncio.create_task(store.requeue([claim.entity_id]))
-            await asyncio.sleep(0.5)
-            assert not replay.done(), "the replay should wait for the entity's lock"
-            await completion.execute("DELETE FROM outbox WHERE id = $1", claim.outbox_id)
-            await tx.commit()
-            assert await replay == 1
-        finally:
-            await completion.close()
+        assert (
+            await behind_a_completion(pg_migrated_url, claim, store.requeue([claim.entity_id])) == 1
+        )
         [again] = await store.claim_deliveries("w", 1, 30)
         assert again.replay == 1
     finally:
