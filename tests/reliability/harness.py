@@ -14,7 +14,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -40,18 +39,12 @@ from tests.reliability.conftest import (
     WEBHOOK_SECRET,
     LogScan,
 )
+from tests.test_cli import ROOT, free_port
+from tests.test_service import start
 
-ROOT = Path(__file__).resolve().parents[2]
 #: The simulator's callback retry schedule here: seconds, long enough in all to ride out a
 #: daemon restart or a 20 s store outage (MasonHub's own is 1 min, 5 min, 15 min, 1 h).
 RETRIES = (0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 5.0, 5.0, 10.0, 10.0, 10.0, 15.0)
-
-
-def free_port() -> int:
-    """A loopback port nobody listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 # --- the ERP ------------------------------------------------------------------------------------
@@ -98,18 +91,7 @@ class Daemon:
     async def start(self, within: float = 60.0) -> None:
         """Start it and wait until its admin listener says ready."""
         assert self.process is None or self.process.returncode is not None
-        with self.log.open("a") as out:
-            self.process = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "syncd",
-                "run",
-                "--config",
-                str(self.config),
-                stdout=out,
-                stderr=asyncio.subprocess.STDOUT,
-                cwd=ROOT,
-            )
+        self.process = await start(self.config, self.log)
         self.starts += 1
         await self.wait_ready(within)
 
