@@ -224,9 +224,8 @@ class WebhookReceiver:
 
     async def _read_body(self, request: web.Request) -> bytes | Answer:
         """The body; or the answer as soon as it is too large, too slow, or cut off."""
-        too_large = _reject(413, "too_large", f"body exceeds {self._max_body} bytes")
         if request.content_length is not None and request.content_length > self._max_body:
-            return too_large
+            return self._too_large()
         chunks: list[bytes] = []
         size = 0
         try:
@@ -234,7 +233,7 @@ class WebhookReceiver:
                 async for chunk in request.content.iter_chunked(_READ_CHUNK):
                     size += len(chunk)
                     if size > self._max_body:
-                        return too_large
+                        return self._too_large()
                     chunks.append(chunk)
         except TimeoutError:
             return _reject(408, "timeout", f"body not received within {BODY_TIMEOUT:g} s")
@@ -242,6 +241,9 @@ class WebhookReceiver:
             # The client went away mid-body: nothing to store and nobody to answer.
             return _reject(400, "incomplete", "connection closed before the body ended")
         return b"".join(chunks)
+
+    def _too_large(self) -> Answer:
+        return _reject(413, "too_large", f"body exceeds {self._max_body} bytes")
 
     def _authenticated(self, request: web.Request, body: bytes) -> bool:
         if self._unauthenticated:
