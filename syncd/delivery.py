@@ -5,6 +5,8 @@ soon as it is told there is work (no polling sleep on the hot path), and otherwi
 until the earliest scheduled retry. Transient failures are retried with exponential backoff
 and jitter (``Retry-After`` wins when the ERP sends one), the next attempt time stored so a
 restart keeps the schedule; permanent ones, and the last allowed attempt, are dead-lettered.
+After a call the ERP may still be applying (a timeout, say) the next one waits at least
+``erp.timeout``, so a late old state cannot overwrite a newer one.
 """
 
 from __future__ import annotations
@@ -109,16 +111,23 @@ class Deliverer:
             self._wake.set()
             await stop_task(self.task, grace)
             self.task = None
+        cut_short = False
         if self._in_flight:
             _done, pending = await asyncio.wait(self._in_flight, timeout=grace)
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
+            cut_short = bool(pending)
         # Answered calls are recorded before the leases of the rest are given back.
         await asyncio.gather(*self._recording, return_exceptions=True)
         await self._completions.stop()
+        # A cancelled call may still be applied by the ERP: its row waits erp.timeout, as
+        # after a timeout (see verdict), before anyone sends that entity again.
+        due_at = None
+        if cut_short:
+            due_at = datetime.now(UTC) + timedelta(seconds=self._settings.timeout)
         with contextlib.suppress(StoreUnavailable):
-            released = await self._store.release_leases(self.owner)
+            released = await self._store.release_leases(self.owner, due_at=due_at)
             if released:
                 log.info("delivery.leases_released", rows=released)
 
@@ -231,6 +240,10 @@ class Deliverer:
                 attempt, self._settings.backoff_initial, self._settings.backoff_max, self._rng
             )
         )
+        if getattr(exc, "uncertain", False):
+            # The ERP may still be applying that call. The next one may carry a newer state, and
+            # must land after it: give the old call as long again as it was given to answer.
+            delay = max(delay, self._settings.timeout)
         return Verdict(datetime.now(UTC) + timedelta(seconds=delay), False)
 
     async def _record_failure(

@@ -52,7 +52,12 @@ class DeliveryError(SyncdError):
 
 
 class TransientDeliveryError(DeliveryError):
-    """The ERP failed in a way worth retrying."""
+    """The ERP failed in a way worth retrying.
+
+    ``uncertain``: the ERP may have received the request and may still apply it (a timeout, a
+    connection lost after the request was sent, a 504), so a newer state must not be sent
+    straight after it, or the old one could land last.
+    """
 
     def __init__(
         self,
@@ -61,9 +66,11 @@ class TransientDeliveryError(DeliveryError):
         status: int | None = None,
         body: str = "",
         retry_after: float | None = None,
+        uncertain: bool = False,
     ) -> None:
         # A Retry-After in the past (clock skew) means "now", never a negative delay.
         self.retry_after = None if retry_after is None else max(0.0, retry_after)
+        self.uncertain = uncertain
         super().__init__(message, status=status, body=body)
 
 

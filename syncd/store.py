@@ -1234,13 +1234,15 @@ class SqlStore:
 
         await self._transact(fail)
 
-    async def release_leases(self, owner: str) -> int:
-        """Give back every lease ``owner`` holds, so another worker can take the rows now."""
+    async def release_leases(self, owner: str, *, due_at: datetime | None = None) -> int:
+        """Give back every lease ``owner`` holds, so another worker can take the rows: now, or
+        from ``due_at`` (for rows whose calls were cut short, which the ERP may still apply)."""
+        values: dict[str, Any] = {"lease_owner": None, "lease_until": None}
+        if due_at is not None:
+            values["next_attempt_at"] = due_at
         async with self._begin() as conn:
             result = await conn.execute(
-                outbox.update()
-                .where(outbox.c.lease_owner == owner)
-                .values(lease_owner=None, lease_until=None)
+                outbox.update().where(outbox.c.lease_owner == owner).values(**values)
             )
         return result.rowcount
 

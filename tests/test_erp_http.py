@@ -188,7 +188,9 @@ async def test_2xx_is_delivered(mocked: aioresponses, adapter: HttpErpAdapter, s
     ("status", "message"),
     [
         (500, "ERP answered 500 Internal Server Error"),
+        (502, "ERP answered 502 Bad Gateway"),
         (503, "ERP answered 503 Service Unavailable"),
+        (504, "ERP answered 504 Gateway Timeout"),
         (408, "ERP answered 408 Request Timeout"),
         (425, "ERP answered 425 Too Early"),
         (429, "ERP answered 429 Too Many Requests"),
@@ -197,7 +199,8 @@ async def test_2xx_is_delivered(mocked: aioresponses, adapter: HttpErpAdapter, s
 async def test_transient_statuses(
     mocked: aioresponses, adapter: HttpErpAdapter, status: int, message: str
 ) -> None:
-    """408, 425, 429 and 5xx raise TransientDeliveryError with the status, once, no retry."""
+    """408, 425, 429 and 5xx raise TransientDeliveryError with the status, once, no retry;
+    only a gateway's 502 and 504 say the ERP behind it may still apply the request."""
     mocked.put(BASE + "/orders/129374", status=status, body=" busy \n")
 
     with pytest.raises(TransientDeliveryError) as caught:
@@ -207,6 +210,7 @@ async def test_transient_statuses(
     assert caught.value.message == message
     assert caught.value.body == "busy"
     assert caught.value.retry_after is None
+    assert caught.value.uncertain is (status in (502, 504))
     assert len(calls(mocked, BASE + "/orders/129374")) == 1
 
 
@@ -317,12 +321,14 @@ async def test_connection_error_three_times_is_transient(
 ) -> None:
     """Three connection failures raise TransientDeliveryError, never showing the token."""
     url = BASE + "/orders/129374"
-    mocked.put(url, exception=aiohttp.ClientConnectionError(f"refused ({TOKEN})"), repeat=True)
+    failure = aiohttp.ClientOSError(104, f"reset ({TOKEN})")
+    mocked.put(url, exception=failure, repeat=True)
 
     with pytest.raises(TransientDeliveryError) as caught:
         await adapter.deliver(delivery())
 
-    assert caught.value.message == "cannot connect to ERP: refused ([redacted])"
+    assert caught.value.message == "connection to ERP lost: [Errno 104] reset ([redacted])"
+    assert caught.value.uncertain  # the request may have been read before the reset
     assert caught.value.status is None
     assert len(calls(mocked, url)) == 3
     assert len(retry_logs) == 2
@@ -337,9 +343,10 @@ async def test_timeout_is_transient_and_not_retried(
     url = BASE + "/orders/129374"
     mocked.put(url, exception=failure, repeat=True)
 
-    with pytest.raises(TransientDeliveryError, match=r"^ERP timed out after 15s$"):
+    with pytest.raises(TransientDeliveryError, match=r"^ERP timed out after 15s$") as caught:
         await adapter.deliver(delivery())
 
+    assert caught.value.uncertain
     assert len(calls(mocked, url)) == 1
 
 
@@ -419,13 +426,56 @@ async def test_real_server_too_slow_times_out(fake_erp: tuple[FakeErp, ErpSettin
     adapter = HttpErpAdapter(settings)
     started = time.monotonic()
     try:
-        with pytest.raises(TransientDeliveryError, match=r"^ERP timed out after 0\.2s$"):
+        with pytest.raises(TransientDeliveryError, match=r"^ERP timed out after 0\.2s$") as caught:
             await adapter.deliver(delivery())
     finally:
         await adapter.close()
 
     assert time.monotonic() - started < 2
     assert len(erp.requests) == 1
+    assert caught.value.uncertain  # the ERP has the request and may still apply it
+
+
+async def test_real_refused_connection_is_certain(unused_tcp_port: int) -> None:
+    """Nothing listening: three connects fail, and nothing can have reached the ERP."""
+    adapter = HttpErpAdapter(erp_settings(base_url=f"http://127.0.0.1:{unused_tcp_port}/api"))
+    try:
+        with pytest.raises(TransientDeliveryError) as caught:
+            await adapter.deliver(delivery())
+    finally:
+        await adapter.close()
+
+    assert caught.value.message.startswith("cannot connect to ERP: ")
+    assert not caught.value.uncertain
+
+
+async def test_real_connection_dropped_after_the_request_is_uncertain(
+    aiohttp_server: ServerFactory,
+) -> None:
+    """An ERP that reads the whole request and then drops the connection may have applied it."""
+    received: list[bytes] = []
+
+    async def drop(request: web.Request) -> web.Response:
+        received.append(await request.read())
+        assert request.transport is not None
+        request.transport.abort()
+        return web.Response()
+
+    app = web.Application()
+    app.router.add_put("/api/{tail:.*}", drop)
+    server = await aiohttp_server(app)
+    adapter = HttpErpAdapter(erp_settings(base_url=str(server.make_url("/api"))))
+    try:
+        with pytest.raises(TransientDeliveryError) as caught:
+            await adapter.deliver(delivery())
+    finally:
+        await adapter.close()
+
+    # Retried in the call (the PUT is idempotent); aiohttp may itself resend on a fresh socket.
+    assert len(received) >= 3
+    assert set(received) == {COMPACT}
+    assert caught.value.message.startswith("connection to ERP lost: ")
+    assert caught.value.uncertain
 
 
 async def test_real_server_session_is_reused(fake_erp: tuple[FakeErp, ErpSettings]) -> None:

@@ -188,6 +188,18 @@ async def test_release_leases_on_stop(store: SqlStore) -> None:
     assert len(await store.claim_deliveries("next", 1, 30)) == 1
 
 
+async def test_released_lease_of_a_call_cut_short_waits_until_due(store: SqlStore) -> None:
+    """A lease given back with ``due_at`` (its call was cancelled, the ERP may still apply it)
+    is not claimable before then."""
+    await store.apply_facts([shipped("O-7", "1Z7")])
+    await store.claim_deliveries("stopping", 1, 600)
+    due = datetime.now(UTC) + timedelta(seconds=0.5)
+    assert await store.release_leases("stopping", due_at=due) == 1
+    assert await store.claim_deliveries("next", 1, 30) == []
+    await asyncio.sleep(max(0.0, (due - datetime.now(UTC)).total_seconds()) + 0.05)
+    assert len(await store.claim_deliveries("next", 1, 30)) == 1
+
+
 async def test_claims_never_overlap(store: SqlStore) -> None:
     """Concurrent claimers never lease the same row twice."""
     await store.apply_facts([shipped(f"C-{n}", "1Z") for n in range(40)])

@@ -64,6 +64,8 @@ class Outbox:
 
     def __init__(self) -> None:
         self.limits: list[int] = []
+        #: ``due_at`` of every release_leases call.
+        self.released: list[datetime | None] = []
         self._next = 0
 
     async def claim_deliveries(self, owner: str, limit: int, lease: float) -> list[Any]:
@@ -77,7 +79,8 @@ class Outbox:
     async def next_due_at(self) -> datetime | None:
         return datetime.now(UTC)
 
-    async def release_leases(self, owner: str) -> int:
+    async def release_leases(self, owner: str, *, due_at: datetime | None = None) -> int:
+        self.released.append(due_at)
         return 0
 
 
@@ -121,6 +124,30 @@ async def test_dispatcher_claims_several_free_slots_at_once(
         for _ in range(32):
             erp.gate.release()
         await deliverer.stop(grace=1.0)
+
+
+@pytest.mark.parametrize("cut_short", [False, True])
+async def test_calls_cut_short_at_stop_leave_their_rows_due_after_the_timeout(
+    cut_short: bool,
+) -> None:
+    """Calls still in flight when the stop's grace ends are cancelled, and the ERP may yet
+    apply them: their rows are given back due erp.timeout later. A clean drain leaves none."""
+    store, erp = Outbox(), GatedErp()
+    deliverer = Deliverer(store, erp, ErpSettings(concurrency=2, timeout=7))  # type: ignore[arg-type]
+    await deliverer.start()
+    await until(lambda: bool(store.limits))
+    if not cut_short:
+        for _ in range(2):
+            erp.gate.release()
+        deliverer.notify()
+    stopping = datetime.now(UTC)
+    await deliverer.stop(grace=0.2)
+    [due_at] = store.released
+    if cut_short:
+        assert due_at is not None
+        assert 6.9 < (due_at - stopping).total_seconds() < 7.5
+    else:
+        assert due_at is None
 
 
 class SlowCompletions(Outbox):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -12,7 +14,10 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from syncd.app import DELIVERER, STORE, create_app
-from syncd.store import OutboxState, SqlStore
+from syncd.config import ErpSettings
+from syncd.delivery import Deliverer
+from syncd.errors import TransientDeliveryError
+from syncd.store import ClaimedDelivery, OutboxState, SqlStore
 from syncd.testing import ErpCall, LocalErp, dumps, envelope, sign
 from tests.conftest import SECRET, make_settings
 
@@ -266,6 +271,60 @@ async def test_retry_after_is_honoured(harness: HarnessFactory) -> None:
     await h.settled(within=15)
     first, second = h.erp.calls_to("/api/orders/RA-1")
     assert second.at - first.at >= 1.9
+
+
+async def test_late_effect_of_a_timed_out_call_never_overwrites_a_newer_state(
+    harness: HarnessFactory,
+) -> None:
+    """The ERP applies a call after syncd stopped waiting for it. The newer state queued
+    meanwhile goes out only after that late effect, so the ERP ends with the newer state."""
+    h = await harness(timeout="500ms", backoff_initial="20ms", backoff_max="50ms")
+    late_effects: list[asyncio.Task[None]] = []
+
+    async def take_effect_late(call: ErpCall) -> None:
+        await asyncio.sleep(0.8)  # syncd gave up waiting at 0.5 s
+        h.erp.records[call.path] = call.body
+
+    async def first_call_lands_late(call: ErpCall) -> web.Response | None:
+        if len(h.erp.calls) > 1:
+            return None
+        # The test server cancels a handler whose client left; the ERP's work goes on anyway.
+        late_effects.append(asyncio.create_task(take_effect_late(call)))
+        await asyncio.sleep(5)
+        return web.json_response({"ok": True})
+
+    h.erp.respond = first_call_lands_late
+    await h.send(order("LATE-1", "packed"))
+    await h.erp.wait_for(lambda: len(h.erp.calls) == 1)
+    await h.send(order("LATE-1", "fulfilled", "1ZLATE"))
+    await h.settled()
+    await asyncio.wait_for(late_effects[0], 5)
+
+    first, second = h.erp.calls_to("/api/orders/LATE-1")
+    assert (first.body["status"], second.body["status"]) == ("packed", "fulfilled")
+    assert second.at - first.at >= 0.5 + 0.5  # its timeout, then as long again
+    record = h.erp.records["/api/orders/LATE-1"]
+    assert record["status"] == "fulfilled"
+    assert record["shipments"][0]["tracking_number"] == "1ZLATE"
+
+
+def test_retry_after_an_uncertain_failure_waits_at_least_the_timeout() -> None:
+    """A failure the ERP may still apply is retried no sooner than erp.timeout, even when the
+    backoff or a Retry-After is shorter; other transient failures keep their schedule."""
+    settings = ErpSettings(timeout=5, backoff_initial=0.1, backoff_max=0.2)
+    idle_store = SimpleNamespace(complete_deliveries=None)  # verdict reads no store
+    deliverer = Deliverer(idle_store, None, settings)  # type: ignore[arg-type]
+    claim = ClaimedDelivery(1, 1, "order", "O-1", {}, "h", 1, "webhook", 0, 0)
+
+    def wait(exc: TransientDeliveryError) -> float:
+        retry_at = deliverer.verdict(claim, exc).retry_at
+        assert retry_at is not None
+        return (retry_at - datetime.now(UTC)).total_seconds()
+
+    assert 4.9 < wait(TransientDeliveryError("timed out", uncertain=True)) <= 5
+    assert 4.9 < wait(TransientDeliveryError("504", retry_after=1, uncertain=True)) <= 5
+    assert wait(TransientDeliveryError("503")) <= 0.2
+    assert 0.9 < wait(TransientDeliveryError("429", retry_after=1)) <= 1
 
 
 async def test_bad_request_is_dead_lettered_then_replayed(harness: HarnessFactory) -> None:

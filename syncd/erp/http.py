@@ -45,6 +45,9 @@ log = structlog.get_logger(__name__)
 MIN_POOL_SIZE: Final = 100
 CONNECT_ATTEMPTS: Final = 3
 TRANSIENT_STATUSES: Final = frozenset({408, 425, 429})
+# A gateway's answer that its upstream failed or timed out: the ERP behind it may still apply
+# the request (see TransientDeliveryError.uncertain).
+UNCERTAIN_STATUSES: Final = frozenset({502, 504})
 # Only so much of an error body is worth keeping: it ends up in a dead letter.
 BODY_READ_BYTES: Final = 4096
 # A 2xx body is read (and discarded) so its connection can go back to the pool; one larger than
@@ -71,6 +74,13 @@ def parse_retry_after(value: str | None, *, now: datetime | None = None) -> floa
     return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
 
 
+@dataclass
+class _Sent:
+    """Whether any attempt of one delivery may have reached the ERP (all but failed connects)."""
+
+    maybe: bool = False
+
+
 @dataclass(frozen=True)
 class _Answer:
     status: int
@@ -94,15 +104,21 @@ class HttpErpAdapter:
         body = _encode(delivery.payload)
         headers = self._headers(delivery)
         started = time.perf_counter()
+        sent = _Sent()
         try:
-            answer = await self._exchange_retrying(url, body, headers, delivery)
+            answer = await self._exchange_retrying(url, body, headers, delivery, sent)
         except TimeoutError as exc:  # before ClientConnectionError: ServerTimeoutError is both
             message = f"ERP timed out after {self._settings.timeout:g}s"
-            raise TransientDeliveryError(message) from exc
+            raise TransientDeliveryError(message, uncertain=True) from exc
+        except aiohttp.ClientConnectorError as exc:
+            message = f"cannot connect to ERP: {self._describe(exc)}"
+            raise TransientDeliveryError(message, uncertain=sent.maybe) from exc
         except aiohttp.ClientConnectionError as exc:
-            raise TransientDeliveryError(f"cannot connect to ERP: {self._describe(exc)}") from exc
+            message = f"connection to ERP lost: {self._describe(exc)}"
+            raise TransientDeliveryError(message, uncertain=True) from exc
         except aiohttp.ClientError as exc:  # e.g. a malformed response: maybe better next time
-            raise TransientDeliveryError(f"ERP request failed: {self._describe(exc)}") from exc
+            message = f"ERP request failed: {self._describe(exc)}"
+            raise TransientDeliveryError(message, uncertain=True) from exc
         elapsed = time.perf_counter() - started
         return _outcome(answer, elapsed)
 
@@ -145,7 +161,7 @@ class HttpErpAdapter:
         return self._session
 
     async def _exchange_retrying(
-        self, url: str, body: bytes, headers: Mapping[str, str], delivery: Delivery
+        self, url: str, body: bytes, headers: Mapping[str, str], delivery: Delivery, sent: _Sent
     ) -> _Answer:
         def log_retry(state: RetryCallState) -> None:
             error = state.outcome.exception() if state.outcome else None
@@ -170,25 +186,33 @@ class HttpErpAdapter:
         )
         async for attempt in retrying:
             with attempt:
-                return await self._exchange(url, body, headers)
+                return await self._exchange(url, body, headers, sent)
         raise AssertionError("unreachable: tenacity reraises the last failure")  # pragma: no cover
 
-    async def _exchange(self, url: str, body: bytes, headers: Mapping[str, str]) -> _Answer:
+    async def _exchange(
+        self, url: str, body: bytes, headers: Mapping[str, str], sent: _Sent
+    ) -> _Answer:
         session = self._session_for_request()
-        async with session.put(
-            url, data=body, headers=headers, timeout=self._timeout, allow_redirects=False
-        ) as response:
-            if 200 <= response.status < 300:
-                await _read_at_most(response, DRAIN_BYTES)
-                text = ""
-            else:
-                text = _excerpt(await _read_at_most(response, BODY_READ_BYTES))
-            return _Answer(
-                status=response.status,
-                reason=_one_line(response.reason or _phrase(response.status)),
-                retry_after=response.headers.get("Retry-After"),
-                body=text,
-            )
+        try:
+            async with session.put(
+                url, data=body, headers=headers, timeout=self._timeout, allow_redirects=False
+            ) as response:
+                if 200 <= response.status < 300:
+                    await _read_at_most(response, DRAIN_BYTES)
+                    text = ""
+                else:
+                    text = _excerpt(await _read_at_most(response, BODY_READ_BYTES))
+                return _Answer(
+                    status=response.status,
+                    reason=_one_line(response.reason or _phrase(response.status)),
+                    retry_after=response.headers.get("Retry-After"),
+                    body=text,
+                )
+        except aiohttp.ClientConnectorError:
+            raise  # no connection was made, so nothing was sent
+        except BaseException:
+            sent.maybe = True
+            raise
 
     def _describe(self, exc: BaseException) -> str:
         """An exception as one line, never containing the token."""
@@ -266,6 +290,7 @@ def _outcome(answer: _Answer, elapsed: float) -> DeliveryResult:
             status=status,
             body=answer.body,
             retry_after=parse_retry_after(answer.retry_after),
+            uncertain=status in UNCERTAIN_STATUSES,
         )
     # Redirects are not followed (a PUT must not silently land elsewhere), so 3xx is a refusal.
     raise PermanentDeliveryError(message, status=status, body=answer.body)
