@@ -640,12 +640,14 @@ class Rig:
                 )
         finally:
             await store.close()
+        # In arrival order, each with its place in the order the ERP took effect (None: never).
         for call in self.erp.calls:
             if call.path.endswith(f"/{key}"):
                 body = call.body if isinstance(call.body, dict) else {}
+                applied = next((i for i, c in enumerate(self.erp.applied) if c is call), None)
                 lines.append(
                     f"ERP {call.headers.get('Idempotency-Key')} status={body.get('status')} "
-                    f"applied={any(c is call for c in self.erp.applied)}"
+                    f"applied={applied}"
                 )
         return "\n".join(lines)
 
