@@ -20,6 +20,7 @@ from typing import Any, Protocol, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy import event
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Connection, Dialect, make_url
 from sqlalchemy.exc import DataError, IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
@@ -627,6 +628,7 @@ class SqlStore:
             .on_conflict_do_nothing(index_elements=["dedupe_key"])
             .returning(inbox.c.dedupe_key)
         )
+        self._delivery_sql = _DeliveryStatements.for_dialect(self.dialect)
 
     @asynccontextmanager
     async def _begin(self) -> AsyncIterator[AsyncConnection]:
@@ -1050,45 +1052,15 @@ class SqlStore:
         flight. A lease left by a crashed worker expires and the row becomes due again.
         """
         now = datetime.now(UTC)
+        until = now + timedelta(seconds=lease_seconds)
+        sql = self._delivery_sql
 
         def claim(conn: Connection) -> list[Any]:
-            due = (
-                sa.select(outbox.c.id)
-                .where(
-                    outbox.c.state == OutboxState.PENDING.value,
-                    outbox.c.next_attempt_at <= now,
-                    sa.or_(outbox.c.lease_until.is_(None), outbox.c.lease_until < now),
-                )
-                .order_by(outbox.c.next_attempt_at, outbox.c.id)
-                .limit(limit)
-                .with_for_update(skip_locked=True)
-            )
-            ids = list(conn.execute(due).scalars())
+            ids = list(conn.execute(sql.claim_due, {"b_now": now, "b_limit": limit}).scalars())
             if not ids:
                 return []
-            conn.execute(
-                outbox.update()
-                .where(outbox.c.id.in_(ids))
-                .values(lease_owner=owner, lease_until=now + timedelta(seconds=lease_seconds))
-            )
-            stmt = (
-                sa.select(
-                    outbox.c.id.label("outbox_id"),
-                    outbox.c.attempts,
-                    outbox.c.replay,
-                    entities.c.id.label("entity_id"),
-                    entities.c.entity_type,
-                    entities.c.entity_key,
-                    entities.c.state,
-                    entities.c.content_hash,
-                    entities.c.revision,
-                    entities.c.source,
-                )
-                .join(entities, entities.c.id == outbox.c.entity_id)
-                .where(outbox.c.id.in_(ids))
-                .order_by(outbox.c.next_attempt_at, outbox.c.id)
-            )
-            return list(conn.execute(stmt).all())
+            conn.execute(sql.claim_lease, {"b_ids": ids, "b_owner": owner, "b_until": until})
+            return list(conn.execute(sql.claim_read, {"b_ids": ids}).all())
 
         rows = await self._transact(claim)
         return [
@@ -1119,42 +1091,30 @@ class SqlStore:
         A row whose lease another worker holds now (ours expired) is left to that worker.
         """
         now = datetime.now(UTC)
+        sql = self._delivery_sql
 
         def complete(conn: Connection) -> None:
             conn.execute(
-                delivery_attempts.insert(),
+                sql.insert_attempt,
                 [
                     _attempt_row(d.claim, d.owner, d.started_at, now, "delivered", d.status, None)
                     for d in done
                 ],
             )
             conn.execute(
-                entities.update()
-                .where(entities.c.id == sa.bindparam("b_id"))
-                .values(
-                    delivered_hash=sa.bindparam("b_hash"),
-                    delivered_revision=sa.bindparam("b_revision"),
-                    delivered_at=now,
-                ),
+                sql.mark_delivered,
                 [
                     {
                         "b_id": d.claim.entity_id,
                         "b_hash": d.claim.content_hash,
                         "b_revision": d.claim.revision,
+                        "b_now": now,
                     }
                     for d in done
                 ],
             )
-            current = {
-                row.id: row
-                for row in conn.execute(
-                    sa.select(
-                        outbox.c.id, outbox.c.lease_owner, outbox.c.replay, entities.c.revision
-                    )
-                    .join(entities, entities.c.id == outbox.c.entity_id)
-                    .where(outbox.c.id.in_([d.claim.outbox_id for d in done]))
-                ).all()
-            }
+            outbox_ids = [d.claim.outbox_id for d in done]
+            current = {row.id: row for row in conn.execute(sql.outbox_now, {"b_ids": outbox_ids})}
             finished: list[int] = []
             changed: list[int] = []
             for d in done:
@@ -1164,22 +1124,10 @@ class SqlStore:
                 unchanged = row.revision == d.claim.revision and row.replay == d.claim.replay
                 (finished if unchanged else changed).append(d.claim.outbox_id)
             if finished:
-                conn.execute(outbox.delete().where(outbox.c.id.in_(finished)))
+                conn.execute(sql.delete_outbox, {"b_ids": finished})
             if changed:
                 # The entity moved on while its call was in flight: send the new state now.
-                conn.execute(
-                    outbox.update()
-                    .where(outbox.c.id.in_(changed))
-                    .values(
-                        attempts=0,
-                        next_attempt_at=now,
-                        lease_owner=None,
-                        lease_until=None,
-                        last_status=None,
-                        last_error=None,
-                        updated_at=now,
-                    )
-                )
+                conn.execute(sql.requeue_changed, {"b_ids": changed, "b_now": now})
 
         await self._transact(complete)
         return [None] * len(done)
@@ -1668,6 +1616,98 @@ _ENTITY_SELECT = sa.select(
     outbox.c.last_status,
     outbox.c.last_error,
 ).select_from(entities.outerjoin(outbox, outbox.c.entity_id == entities.c.id))
+
+
+_NOW = sa.bindparam("b_now", type_=UTCDateTime())
+
+
+@dataclass(frozen=True)
+class _DeliveryStatements:
+    """The delivery hot path's statements, built once per store: building a statement costs
+    more Python time than executing it (SQLAlchemy caches the compiled form by statement)."""
+
+    claim_due: sa.Select[Any]
+    claim_lease: sa.Update
+    claim_read: sa.Select[Any]
+    insert_attempt: sa.Insert
+    mark_delivered: sa.Update
+    outbox_now: sa.Select[Any]
+    delete_outbox: sa.Delete
+    requeue_changed: sa.Update
+
+    @classmethod
+    def for_dialect(cls, dialect: str) -> _DeliveryStatements:
+        """``b_ids`` takes a list of ids. On PostgreSQL it is one array parameter, so each
+        statement has one SQL text whatever the count: an expanded ``IN (...)`` is rendered
+        anew per execution, and every count is another statement for asyncpg to prepare."""
+        if dialect == "postgresql":
+            ids: Any = sa.bindparam("b_ids", type_=postgresql.ARRAY(sa.BigInteger()))
+
+            def id_in(column: sa.ColumnElement[int]) -> sa.ColumnElement[bool]:
+                return column == sa.any_(ids)
+        else:
+            ids = sa.bindparam("b_ids", expanding=True)
+
+            def id_in(column: sa.ColumnElement[int]) -> sa.ColumnElement[bool]:
+                return column.in_(ids)
+
+        return cls(
+            claim_due=sa.select(outbox.c.id)
+            .where(
+                outbox.c.state == OutboxState.PENDING.value,
+                outbox.c.next_attempt_at <= _NOW,
+                sa.or_(outbox.c.lease_until.is_(None), outbox.c.lease_until < _NOW),
+            )
+            .order_by(outbox.c.next_attempt_at, outbox.c.id)
+            .limit(sa.bindparam("b_limit", type_=sa.Integer))
+            .with_for_update(skip_locked=True),
+            claim_lease=outbox.update()
+            .where(id_in(outbox.c.id))
+            .values(
+                lease_owner=sa.bindparam("b_owner"),
+                lease_until=sa.bindparam("b_until", type_=UTCDateTime()),
+            ),
+            claim_read=sa.select(
+                outbox.c.id.label("outbox_id"),
+                outbox.c.attempts,
+                outbox.c.replay,
+                entities.c.id.label("entity_id"),
+                entities.c.entity_type,
+                entities.c.entity_key,
+                entities.c.state,
+                entities.c.content_hash,
+                entities.c.revision,
+                entities.c.source,
+            )
+            .join(entities, entities.c.id == outbox.c.entity_id)
+            .where(id_in(outbox.c.id))
+            .order_by(outbox.c.next_attempt_at, outbox.c.id),
+            insert_attempt=delivery_attempts.insert(),
+            mark_delivered=entities.update()
+            .where(entities.c.id == sa.bindparam("b_id"))
+            .values(
+                delivered_hash=sa.bindparam("b_hash"),
+                delivered_revision=sa.bindparam("b_revision"),
+                delivered_at=_NOW,
+            ),
+            outbox_now=sa.select(
+                outbox.c.id, outbox.c.lease_owner, outbox.c.replay, entities.c.revision
+            )
+            .join(entities, entities.c.id == outbox.c.entity_id)
+            .where(id_in(outbox.c.id)),
+            delete_outbox=outbox.delete().where(id_in(outbox.c.id)),
+            requeue_changed=outbox.update()
+            .where(id_in(outbox.c.id))
+            .values(
+                attempts=0,
+                next_attempt_at=_NOW,
+                lease_owner=None,
+                lease_until=None,
+                last_status=None,
+                last_error=None,
+                updated_at=_NOW,
+            ),
+        )
 
 
 _ENTITY_WRITE_COLUMNS = (
