@@ -80,11 +80,15 @@ class Batcher(Generic[T, R]):
 
     async def submit(self, item: T) -> R:
         """Flush ``item`` with whatever else is waiting; its result once that has committed."""
+        return await self.submit_nowait(item)
+
+    def submit_nowait(self, item: T) -> asyncio.Future[R]:
+        """Queue ``item`` for the next flush; the future is its result (see submit)."""
         if self.task is None:
             raise StoreUnavailable(f"{self._name} is not running")
         pending: _Pending[T, R] = _Pending(item)
         self._queue.put_nowait(pending)
-        return await pending.future
+        return pending.future
 
     def _take_batch(self, first: _Pending[T, R]) -> list[_Pending[T, R]]:
         batch, size = [first], self._weight(first.item)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import random
 import socket
 import uuid
@@ -41,8 +42,10 @@ LEASE_MARGIN = 5.0
 #: With more than half of the workers busy, the dispatcher waits up to this long for more of
 #: them to finish before it claims: one claim transaction for several free slots, instead of
 #: one per finished call (each is a write transaction, and on SQLite it queues with the
-#: webhook commits for the one write lock).
-CLAIM_LINGER = 0.005
+#: webhook commits for the one write lock). Once half are free it claims at once, so this
+#: only bounds how long a slot can stay empty; bench/deliver: 5 ms gave 1,270 deliveries/s at
+#: concurrency 32 on PostgreSQL, 20 ms 1,516/s, 50 ms 1,550/s (claims of 16 either way).
+CLAIM_LINGER = 0.02
 
 
 def backoff_delay(attempt: int, initial: float, maximum: float, rng: random.Random) -> float:
@@ -90,7 +93,7 @@ class Deliverer:
         self._stopping = False
         self._in_flight: set[asyncio.Task[None]] = set()
         #: Outcomes of answered calls waiting for their shared transaction (see _deliver).
-        self._recording: set[asyncio.Task[None]] = set()
+        self._recording: set[asyncio.Future[None]] = set()
         self.task: asyncio.Task[None] | None = None
         #: Monotonic time of the dispatcher's last loop: the watchdog's sign of life.
         self.last_tick = 0.0
@@ -160,6 +163,9 @@ class Deliverer:
                 task.add_done_callback(self._finished)
             if claimed and len(claimed) == free:
                 continue
+            if free <= 0:
+                await self._sleep(IDLE_POLL)  # every worker busy: a finished one wakes us
+                continue
             await self._sleep(await self._idle_time(bool(claimed)))
 
     def _finished(self, task: asyncio.Task[None]) -> None:
@@ -212,17 +218,20 @@ class Deliverer:
         # Completions from concurrent workers share one transaction, and the worker's slot is
         # free as soon as the ERP has answered: the row keeps its lease until the completion
         # commits, so nobody claims it meanwhile, and the next claim need not wait for it.
-        recording = asyncio.ensure_future(
-            self._record(
-                self._completions.submit(Completion(claim, self.owner, started, result.status)),
-                claim,
-            )
-        )
-        self._recording.add(recording)
-        recording.add_done_callback(self._recorded)
+        completion = Completion(claim, self.owner, started, result.status)
+        try:
+            recorded = self._completions.submit_nowait(completion)
+        except StoreUnavailable as exc:
+            self._record_failed(claim, exc)
+            return
+        self._recording.add(recorded)
+        recorded.add_done_callback(functools.partial(self._recorded, claim))
 
-    def _recorded(self, task: asyncio.Task[None]) -> None:
-        self._recording.discard(task)
+    def _recorded(self, claim: ClaimedDelivery, recorded: asyncio.Future[None]) -> None:
+        self._recording.discard(recorded)
+        error = None if recorded.cancelled() else recorded.exception()
+        if isinstance(error, StoreUnavailable):
+            self._record_failed(claim, error)
         self._wake.set()  # the row may be due again (its entity changed while in flight)
 
     def verdict(self, claim: ClaimedDelivery, exc: DeliveryError) -> Verdict:
@@ -281,14 +290,18 @@ class Deliverer:
         )
 
     async def _record(self, write: Awaitable[None], claim: ClaimedDelivery) -> None:
-        # If the store is down the outcome is not recorded; the lease expires and the row is
-        # delivered again with the same Idempotency-Key: an extra call, never a lost one.
         try:
             await write
         except StoreUnavailable as exc:
-            log.warning(
-                "delivery.record_failed",
-                entity_type=claim.entity_type,
-                entity_key=claim.entity_key,
-                error=exc.message,
-            )
+            self._record_failed(claim, exc)
+
+    @staticmethod
+    def _record_failed(claim: ClaimedDelivery, exc: StoreUnavailable) -> None:
+        # If the store is down the outcome is not recorded; the lease expires and the row is
+        # delivered again with the same Idempotency-Key: an extra call, never a lost one.
+        log.warning(
+            "delivery.record_failed",
+            entity_type=claim.entity_type,
+            entity_key=claim.entity_key,
+            error=exc.message,
+        )
