@@ -64,6 +64,17 @@ RETURN_RANKS = {
 }
 REQUEST_RANKS = {"pending": 0, "success": 10, "failure": 10}
 
+#: A package's carrier stage (the ``status`` of an order's shipment in GET /orders), lowest
+#: first; ``undeliverable`` ends it like ``delivered``.
+SHIPMENT_STAGE_RANKS = {
+    "manifested": 0,
+    "tendered": 1,
+    "in_transit": 2,
+    "delivered": 3,
+    "undeliverable": 3,
+}
+_STAGE_BY_RANK = {1: "tendered", 2: "in_transit", 3: "delivered"}
+
 #: Legacy ``order.<verb>`` event types to order statuses.
 LEGACY_ORDER_STATUS = {
     "created": "open",
@@ -184,11 +195,40 @@ def _shipment(raw: Mapping[str, Any]) -> dict[str, Any]:
     )
 
 
+def carrier_stage(shipments: Any) -> str | None:
+    """The order status its packages' carrier stages add up to, named as the order's callbacks
+    name it: ``in_transit`` when every package is in transit or further, ``partially_in_transit``
+    when only some are, and so on. None when no package has reached a carrier yet, or a
+    package's stage is missing or unknown (nothing is guessed)."""
+    if not isinstance(shipments, list) or not shipments:
+        return None
+    stages = [
+        normalise_status(s.get("status")) if isinstance(s, Mapping) else None for s in shipments
+    ]
+    if any(stage not in SHIPMENT_STAGE_RANKS for stage in stages):
+        return None
+    if all(stage == "undeliverable" for stage in stages):
+        return "undeliverable"
+    ranks = [SHIPMENT_STAGE_RANKS[stage] for stage in stages if stage is not None]
+    low, high = min(ranks), max(ranks)
+    if high == 0:
+        return None
+    stage = _STAGE_BY_RANK[high]
+    return stage if low == high else f"partially_{stage}"
+
+
 def order_fact(item: Mapping[str, Any], source: str, *, status: Any = None) -> Fact:
-    """An order record (callback item or GET /orders record) as a fact."""
+    """An order record (callback item or GET /orders record) as a fact.
+
+    GET /orders says ``fulfilled`` for the whole of an order's life with the carriers; its
+    shipments' own statuses tell the stage, so a record shows what a lost ``delivered``
+    callback said (see carrier_stage).
+    """
     key = _key(item, "customer_identifier", "order_id")
     normalised = normalise_status(status if status is not None else item.get("status"))
     shipments = item.get("shipments")
+    if normalised == "fulfilled":
+        normalised = carrier_stage(shipments) or normalised
     state = _clean(
         {
             "customer_identifier": key,

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 
 from syncd.facts import (
+    ORDER_RANKS,
     NormalisationError,
+    carrier_stage,
     content_hash,
     message_facts,
     normalise_status,
+    order_fact,
     parse_time,
 )
 from syncd.merge import Current, Outcome, decide, merge_state
@@ -336,3 +340,48 @@ def test_inbound_callback_and_poll_of_one_receipt_hash_equal() -> None:
         "poll",
     )
     assert content_hash(callback.state) == content_hash(polled.state)
+
+
+def _packages(*stages: str | None) -> list[dict[str, Any]]:
+    return [
+        {"shipment_id": f"s{i}", "tracking_number": f"1Z{i}", "status": stage}
+        for i, stage in enumerate(stages)
+    ]
+
+
+@pytest.mark.parametrize(
+    ("stages", "expected"),
+    [
+        (("manifested", "manifested"), None),
+        (("tendered", "manifested"), "partially_tendered"),
+        (("tendered", "tendered"), "tendered"),
+        (("inTransit", "tendered"), "partially_in_transit"),
+        (("inTransit", "inTransit"), "in_transit"),
+        (("delivered", "inTransit"), "partially_delivered"),
+        (("delivered", "delivered"), "delivered"),
+        (("delivered", "undeliverable"), "delivered"),
+        (("undeliverable", "undeliverable"), "undeliverable"),
+        (("delivered", None), None),  # a package without a stage: nothing is guessed
+        (("delivered", "lostInSpace"), None),
+        ((), None),
+    ],
+)
+def test_carrier_stage_of_an_order_is_what_its_packages_add_up_to(
+    stages: tuple[str | None, ...], expected: str | None
+) -> None:
+    """The order-level stage the callbacks name, from the packages' own stages."""
+    assert carrier_stage(_packages(*stages)) == expected
+
+
+def test_polled_fulfilled_order_carries_its_packages_stage() -> None:
+    """GET /orders says "fulfilled" while the packages travel: the fact carries their stage
+    and its rank, so a poll can repair a lost "delivered" callback."""
+    record = {"id": "mh-1", "customer_identifier": "O-1", "status": "fulfilled"}
+    delivered = order_fact({**record, "shipments": _packages("delivered")}, "poll")
+    assert delivered.state["status"] == "delivered"
+    assert delivered.version.rank == ORDER_RANKS["delivered"]
+    assert "status" not in delivered.state["shipments"][0]  # the ERP body keeps its shape
+    waiting = order_fact({**record, "shipments": _packages("manifested")}, "poll")
+    assert waiting.state["status"] == "fulfilled"
+    packed = order_fact({**record, "status": "packed", "shipments": _packages("delivered")}, "poll")
+    assert packed.state["status"] == "packed"  # only a fulfilled order has carrier stages

@@ -148,15 +148,56 @@ async def test_lost_callback_is_delivered_by_the_next_poll(rig: RigFactory) -> N
     assert len(r.erp.calls_to(f"/api/orders/{key}")) == calls
 
 
+async def test_lost_delivered_callback_is_repaired_by_the_next_poll(rig: RigFactory) -> None:
+    """The packages' carrier stages travel by callback; when the last one is lost, GET /orders
+    still says "fulfilled", and its shipments' statuses say how far they got: the next poll
+    brings the ERP to "delivered", once, and polling again makes no call."""
+    r = await rig()
+    order = r.sim.world.create_order()
+    r.sim.world.advance(order.id, steps=4)  # fulfilled, by callback
+    for shipment in order.shipments:
+        r.sim.world.shipment_event(shipment.tracking_number, "inTransit")
+    await r.settled()
+    path = f"/api/orders/{order.customer_identifier}"
+    assert r.erp.records[path]["status"] == "in_transit"
+    r.sim.sender.drop_rate = 1.0
+    for shipment in order.shipments:
+        r.sim.world.shipment_event(shipment.tracking_number, "delivered")  # callbacks lost
+    await r.settled()
+    assert r.erp.records[path]["status"] == "in_transit"
+
+    report = await r.poller.incremental("orders")
+    await r.settled()
+
+    assert report.corrections == {"order": 1}
+    assert r.erp.records[path]["status"] == "delivered"
+    assert r.tracking(order.customer_identifier) == sorted(
+        s.tracking_number for s in order.shipments
+    )
+    calls = len(r.erp.calls_to(path))
+    again = await r.poller.reconcile("orders")
+    await r.settled()
+    assert again.corrections == {}
+    assert len(r.erp.calls_to(path)) == calls
+
+
 async def test_poll_older_than_delivered_is_stale(rig: RigFactory) -> None:
-    """A poll whose record is older than what callbacks delivered makes no call, counted stale."""
+    """A poll whose record is older than what callbacks delivered makes no call, counted stale;
+    one showing the same state makes none either."""
     r = await rig()
     order = r.sim.world.create_order()
     r.sim.world.advance(order.id, steps=5)  # fulfilled, then a carrier stage by callback
     await r.settled()
     key = order.customer_identifier
     calls = len(r.erp.calls_to(f"/api/orders/{key}"))
-    report = await r.poller.incremental("orders")  # the API still says "fulfilled"
+    report = await r.poller.incremental("orders")  # "fulfilled", its packages at that stage
+    await r.settled()
+    assert (report.records, report.stale, report.new) == (1, 0, 0)
+    # An API that lags behind its callbacks: the packages not yet with the carrier.
+    for shipment in order.shipments:
+        shipment.status = "manifested"
+    r.sim.world.orders.touched(order)
+    report = await r.poller.incremental("orders")
     await r.settled()
     assert (report.records, report.stale, report.new) == (1, 1, 0)
     assert len(r.erp.calls_to(f"/api/orders/{key}")) == calls
