@@ -166,6 +166,7 @@ class Daemon:
         session: aiohttp.ClientSession | None = None,
     ) -> tuple[int, dict[str, Any] | str]:
         """POST and return the status and the JSON answer (or the text of a non-JSON one)."""
+        headers = same_case_repeats(headers)
         names = {name.lower() for name, _ in headers}
         skip = [h for h in ("Content-Type", "User-Agent") if h.lower() not in names]
         data = body if isinstance(body, bytes) else body()
@@ -176,6 +177,17 @@ class Daemon:
             if response.content_type == "application/json":
                 return response.status, json.loads(text)
             return response.status, text
+
+
+def same_case_repeats(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Headers with every repeat of a name spelt as its first line.
+
+    aiohttp's client keeps a repeated header only when both lines spell the name alike: a
+    later ``X-Forwarded-For`` replaces an earlier ``x-forwarded-for``, so the server would
+    never see the first line the model counts on.
+    """
+    first: dict[str, str] = {}
+    return [(first.setdefault(name.lower(), name), value) for name, value in headers]
 
 
 def sqlite_settings(tmp_path: Path, **sections: Any) -> Settings:
