@@ -9,6 +9,8 @@ from typing import Any, TextIO
 
 import structlog
 
+from syncd import jsoncodec
+
 REDACTED = "[redacted]"
 
 
@@ -57,7 +59,7 @@ def configure_logging(
     renderer: list[Any] = [
         structlog.processors.format_exc_info,
         SecretRedactor(secrets),
-        structlog.processors.JSONRenderer(),
+        structlog.processors.JSONRenderer(serializer=jsoncodec.dumps),
     ]
     out = stream or sys.stdout
     structlog.configure(

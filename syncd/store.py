@@ -25,6 +25,7 @@ from sqlalchemy.engine import Connection, Dialect, make_url
 from sqlalchemy.exc import DataError, IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
+from syncd import jsoncodec
 from syncd.errors import SchemaMismatch, StoreRejected, StoreUnavailable
 from syncd.facts import Fact, NormalisationError, Version, message_facts, snapshot_url
 from syncd.merge import Current, Decision, Outcome, decide
@@ -533,6 +534,14 @@ def _sqlite_busy_timeout(url: sa.URL) -> float:
     return float(value) if isinstance(value, str) else 5.0
 
 
+#: JSON columns (entity state, headers) through orjson: every merge writes state and every
+#: delivery reads it.
+_JSON_CODEC: dict[str, Any] = {
+    "json_serializer": jsoncodec.dumps,
+    "json_deserializer": jsoncodec.loads,
+}
+
+
 def create_engine(url: str) -> AsyncEngine:
     """An async engine with syncd's settings for the URL's backend."""
     parsed = make_url(url)
@@ -543,6 +552,7 @@ def create_engine(url: str) -> AsyncEngine:
         engine = create_async_engine(
             parsed.difference_update_query(["timeout"]),
             connect_args={"timeout": _sqlite_busy_timeout(parsed)},
+            **_JSON_CODEC,
         )
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         event.listen(engine.sync_engine, "begin", _sqlite_begin)
@@ -553,6 +563,7 @@ def create_engine(url: str) -> AsyncEngine:
         max_overflow=10,
         pool_pre_ping=True,
         pool_timeout=10,
+        **_JSON_CODEC,
         connect_args={
             "timeout": 5,
             "command_timeout": 30,
@@ -572,6 +583,7 @@ def _sqlite_thread_engine(url: str) -> sa.Engine | None:
         parsed.difference_update_query(["timeout"]).set(drivername="sqlite"),
         # Only the store's thread uses it; disposing may happen on another.
         connect_args={"timeout": _sqlite_busy_timeout(parsed), "check_same_thread": False},
+        **_JSON_CODEC,
     )
     event.listen(engine, "connect", _sqlite_pragmas)
     event.listen(engine, "begin", _sqlite_begin)

@@ -54,6 +54,22 @@ async def test_new_fact_creates_entity_and_pending_delivery(store: SqlStore) -> 
     )
 
 
+async def test_entity_state_json_round_trips_values_orjson_refuses(store: SqlStore) -> None:
+    """Entity state comes back from the store as it went in, non-ASCII text included, and so do
+    values orjson cannot encode (a 70-bit integer, a lone surrogate): those take the standard
+    library's path instead of failing the merge."""
+    state = {
+        "customer_identifier": "O-json",
+        "status": "fulfilled",
+        "ship_to": {"name": "Zoë Ångström 東京"},
+        "big": 2**70,
+        "odd": "\ud800",
+    }
+    await store.apply_facts([Fact("order", "O-json", state, Version(None, None), "webhook")])
+    [claim] = await store.claim_deliveries("w", 1, 30)
+    assert claim.state == state
+
+
 async def test_changes_coalesce_into_one_pending_row(store: SqlStore) -> None:
     """Five changes before delivery leave one pending row that carries the latest state."""
     for minute in range(5):

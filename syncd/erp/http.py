@@ -8,7 +8,6 @@ else is reported to the delivery layer, which owns the retry schedule and dead l
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import re
 import time
@@ -30,6 +29,7 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
+from syncd import jsoncodec
 from syncd.config import ErpSettings
 from syncd.erp import DEFAULT_PATHS, Delivery, DeliveryResult
 from syncd.errors import PermanentDeliveryError, TransientDeliveryError
@@ -243,12 +243,9 @@ def _is_connection_failure(exc: BaseException) -> bool:
 
 def _encode(payload: Mapping[str, Any]) -> bytes:
     try:
-        text = json.dumps(
-            payload, separators=(",", ":"), ensure_ascii=False, default=_jsonable_mapping
-        )
+        return jsoncodec.dumps_bytes(payload, default=_jsonable_mapping)
     except (TypeError, ValueError) as exc:
         raise PermanentDeliveryError(f"payload is not JSON-serialisable: {exc}") from exc
-    return text.encode()
 
 
 def _jsonable_mapping(value: object) -> object:
