@@ -72,7 +72,14 @@ SCRATCH_FAST = Path("/dev/shm")
 #: Seconds from the start during which a disturbed phase may be run again.
 RETRY_BUDGET = 75.0
 #: The patches bench/experiments/sitecustomize.py knows (``--patch``).
-EXPERIMENTS = ("ingest-only", "executemany", "locktrace", "sqllog", "no-linger")
+EXPERIMENTS = (
+    "ingest-only",
+    "executemany",
+    "locktrace",
+    "sqllog",
+    "no-linger",
+    "switch-1ms",
+)
 #: A phase is "quiet" when processes that are not ours use less than this % of a core.
 QUIET_LIMIT = 10.0
 
@@ -932,7 +939,7 @@ def execute(run: Run) -> None:
     kinds = ["sqlite"] if run.args.no_postgres else ["sqlite", "postgresql"]
     for kind in kinds:
         targets[kind] = attempts(run, kind, partial(bench_syncd_max, run, kind, bare_rps))
-    rate = round(run.args.fraction * targets["sqlite"]["max"]["accepted_per_s"])
+    rate = run.args.rate or round(run.args.fraction * targets["sqlite"]["max"]["accepted_per_s"])
     run.results["fixed_rate"] = rate
     for kind in kinds:
         fixed = partial(bench_syncd_fixed, run, kind, rate)
@@ -1081,6 +1088,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--fixed-warmup", type=float, default=3, help="seconds (3)")
     parser.add_argument(
         "--fraction", type=float, default=0.5, help="fixed rate as a share of SQLite's max (0.5)"
+    )
+    parser.add_argument(
+        "--rate",
+        type=int,
+        help="fixed rate in requests/s instead of --fraction (two revisions at one rate)",
     )
     parser.add_argument(
         "--pg-dsn",
