@@ -401,12 +401,8 @@ def settle(
     instance: Instance,
     acked: set[str],
     timeout: float,
-    earlier: frozenset[str] = frozenset(),
 ) -> dict[str, Any]:
-    """Wait until every acknowledged id reached the sink, or the target went idle, or timeout.
-
-    ``earlier``: ids the sink saw before it was last restarted (it forgets them).
-    """
+    """Wait until every acknowledged id reached the sink, or the target went idle, or timeout."""
     started = time.monotonic()
     last_count, last_change, complete = -1, started, False
     while True:
@@ -414,7 +410,7 @@ def settle(
         now = time.monotonic()
         if count != last_count:
             last_count, last_change = count, now
-        if count + len(earlier) >= len(acked) and acked <= earlier | set(run.sink.calls()["key"]):
+        if count >= len(acked) and acked <= set(run.sink.calls()["key"]):
             complete = True
             break
         if now - last_change >= SETTLE_QUIET and instance.pending() == 0:
@@ -582,21 +578,18 @@ def wait_in_flight(instance: Instance, limit: float = 1.0) -> int:
     return held
 
 
-def harvest(run: Run, calls: dict[str, list[Any]]) -> None:
-    """Add the sink's calls so far to ``calls``: a restarted sink forgets them."""
-    for key, values in run.sink.calls().items():
-        calls.setdefault(key, []).extend(values)
-
-
-def kill_once(
-    run: Run, instance: Instance, mode: str, began: float, calls: dict[str, list[Any]]
-) -> dict[str, float]:
+def kill_once(run: Run, instance: Instance, mode: str, began: float) -> dict[str, Any]:
     """One kill -9 and restart of ``instance`` (see phase_kill for the modes)."""
     erp_down = 0.0
+    read_before_kill = [0, 0]
     if mode == "erp-outage":
-        harvest(run, calls)
+        # The sink keeps its calls in a file (Sink(record=True)), so killing it forgets none.
+        # This script once read its calls just before the kill instead, and missed those the
+        # sink answered in between: counted afterwards as "answered as the sink was killed".
+        read_before_kill[0] = len(run.sink.calls()["key"])
         erp_down = time.monotonic()
         kill_group(run.sink.process)
+        read_before_kill[1] = time.time_ns()
         time.sleep(run.args.outage)
     held = wait_in_flight(instance) if mode == "in-flight" else instance.in_flight()
     killed = time.monotonic()
@@ -609,6 +602,7 @@ def kill_once(
         "down_s": round(restarted - killed, 2),
         "in_flight_seen": held,
         "erp_down_s": round(time.monotonic() - erp_down, 2) if erp_down else 0.0,
+        "read_before_kill": read_before_kill,
     }
 
 
@@ -638,14 +632,13 @@ def phase_kill(run: Run, name: str, mode: str) -> dict[str, Any]:
         f"for {args.kill_duration:g}s",
         flush=True,
     )
-    kills: list[dict[str, float]] = []
-    calls: dict[str, list[Any]] = {}
+    kills: list[dict[str, Any]] = []
     loadgen = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
     try:
         began = time.monotonic()
         for at in kill_schedule(args):
             time.sleep(max(0.0, began + at - time.monotonic()))
-            kills.append(kill_once(run, instance, mode, began, calls))
+            kills.append(kill_once(run, instance, mode, began))
         out, _ = loadgen.communicate(timeout=args.kill_duration + 60)
     finally:
         if loadgen.poll() is None:
@@ -655,9 +648,13 @@ def phase_kill(run: Run, name: str, mode: str) -> dict[str, Any]:
         raise BenchError(f"openloop failed in {label} ({loadgen.returncode})")
     stream = json.loads(out)
     acked = set(acked_file.read_text().split())
-    settled = settle(run, instance, acked, args.settle, frozenset(calls.get("key", ())))
-    harvest(run, calls)
+    settled = settle(run, instance, acked, args.settle)
+    calls = run.sink.calls()
     delivered = set(calls["key"])
+    last_moment = sum(
+        sum(1 for at in calls["at_ns"][seen:] if at <= killed_ns)
+        for seen, killed_ns in (k["read_before_kill"] for k in kills)
+    )
     instance.kill9()
     instance.close()
     lost = sorted(acked - delivered)
@@ -677,6 +674,7 @@ def phase_kill(run: Run, name: str, mode: str) -> dict[str, Any]:
         "lost_ids": lost[:50],
         "delivered_not_acked": len(delivered - acked),
         "duplicate_calls": len(calls["key"]) - len(delivered),
+        "answered_as_the_sink_was_killed": last_moment,
         **settled,
     }
     if name != "guide" and lost:
@@ -685,7 +683,8 @@ def phase_kill(run: Run, name: str, mode: str) -> dict[str, Any]:
         )
     print(
         f"  {len(kills)} kills, {len(acked)} acknowledged, {len(lost)} never delivered, "
-        f"{result['duplicate_calls']} duplicate calls, settled in {settled['settle_s']:g}s",
+        f"{result['duplicate_calls']} duplicate calls, settled in {settled['settle_s']:g}s"
+        + (f", {last_moment} answered as the sink was killed" if mode == "erp-outage" else ""),
         flush=True,
     )
     return result
@@ -1005,7 +1004,7 @@ def main(argv: list[str] | None = None) -> int:
         (scratch / "src").mkdir()
         results["syncd"] = deliver.snapshot(args.source, scratch / "src")
         env = {**os.environ, "PYTHONPATH": str(scratch / "src")}
-        sink = deliver.Sink(scratch)
+        sink = deliver.Sink(scratch, record=True)
         stack.callback(sink.process.stop)
         sink.start()
         run = Run(args, scratch, fast, stack, sink, client, env, Payloads(args.seed), results)

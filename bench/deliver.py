@@ -313,9 +313,11 @@ class Process:
 class Sink:
     """bench/erp_sink.py on a free port."""
 
-    def __init__(self, scratch: Path) -> None:
+    def __init__(self, scratch: Path, *, record: bool = False) -> None:
         self.port = free_port()
         argv = [str(PYTHON), str(BENCH / "erp_sink.py"), f"--port={self.port}"]
+        if record:  # calls survive a SIGKILL of the sink (see erp_sink.py)
+            argv.append(f"--record={scratch / 'erp_sink.calls'}")
         self.process = Process("erp_sink", argv, scratch / "erp_sink.log")
         self.base = f"http://127.0.0.1:{self.port}"
 

@@ -6,17 +6,24 @@ order id) and the ``Idempotency-Key``. ``GET /stats`` gives the count, ``GET /ca
 call recorded since the last ``POST /reset`` (as three parallel lists), and ``POST /reset``
 starts over. Binds 127.0.0.1 only.
 
-    .venv/bin/python bench/erp_sink.py --port 9000
+With ``--record FILE`` every call is also appended to FILE before it is answered, and a sink
+started again reads FILE back: a call the sink answered 200 is never forgotten, even when the
+sink is killed with SIGKILL a moment later (bench/compare kills it to make an ERP outage).
+
+    .venv/bin/python bench/erp_sink.py --port 9000 [--record FILE]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
+from pathlib import Path
 
 from aiohttp import web
 
 CALLS = web.AppKey("calls", dict)
+RECORD = web.AppKey("record", int)
 
 
 def _empty() -> dict[str, list[object]]:
@@ -31,6 +38,10 @@ async def put(request: web.Request) -> web.Response:
     calls["at_ns"].append(at)
     calls["key"].append(request.match_info["tail"].rsplit("/", 1)[-1])
     calls["idempotency_key"].append(request.headers.get("Idempotency-Key", ""))
+    record = request.app.get(RECORD)
+    if record is not None:  # in the kernel's hands before the 200 goes out
+        line = f"{at}\t{calls['key'][-1]}\t{calls['idempotency_key'][-1]}\n"
+        os.write(record, line.encode())
     return web.Response(body=b"{}", content_type="application/json")
 
 
@@ -50,13 +61,24 @@ async def reset(request: web.Request) -> web.Response:
     """Forget every call."""
     for values in request.app[CALLS].values():
         values.clear()
+    record = request.app.get(RECORD)
+    if record is not None:
+        os.ftruncate(record, 0)
     return web.json_response({"count": 0})
 
 
-def make_app() -> web.Application:
-    """The sink application."""
+def make_app(record: Path | None = None) -> web.Application:
+    """The sink application; with ``record``, calls also go to (and come back from) a file."""
     app = web.Application(client_max_size=16 * 1024 * 1024)
     app[CALLS] = _empty()
+    if record is not None:
+        if record.exists():
+            for line in record.read_text().splitlines():
+                at, key, idempotency_key = line.split("\t")
+                app[CALLS]["at_ns"].append(int(at))
+                app[CALLS]["key"].append(key)
+                app[CALLS]["idempotency_key"].append(idempotency_key)
+        app[RECORD] = os.open(record, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     app.router.add_put("/api/{tail:.*}", put)
     app.router.add_get("/stats", stats)
     app.router.add_get("/calls", all_calls)
@@ -68,8 +90,10 @@ def main() -> None:
     """Serve on 127.0.0.1 until SIGTERM or SIGINT."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, default=9000)
+    parser.add_argument("--record", type=Path, help="append every call to this file too")
     args = parser.parse_args()
-    web.run_app(make_app(), host="127.0.0.1", port=args.port, access_log=None, print=None)
+    app = make_app(args.record)
+    web.run_app(app, host="127.0.0.1", port=args.port, access_log=None, print=None)
 
 
 if __name__ == "__main__":
