@@ -581,15 +581,15 @@ def wait_in_flight(instance: Instance, limit: float = 1.0) -> int:
 def kill_once(run: Run, instance: Instance, mode: str, began: float) -> dict[str, Any]:
     """One kill -9 and restart of ``instance`` (see phase_kill for the modes)."""
     erp_down = 0.0
-    read_before_kill = [0, 0]
+    read_before_kill: tuple[int, int] | None = None
     if mode == "erp-outage":
         # The sink keeps its calls in a file (Sink(record=True)), so killing it forgets none.
         # This script once read its calls just before the kill instead, and missed those the
         # sink answered in between: counted afterwards as "answered as the sink was killed".
-        read_before_kill[0] = len(run.sink.calls()["key"])
+        seen = len(run.sink.calls()["key"])
         erp_down = time.monotonic()
         kill_group(run.sink.process)
-        read_before_kill[1] = time.time_ns()
+        read_before_kill = (seen, time.time_ns())
         time.sleep(run.args.outage)
     held = wait_in_flight(instance) if mode == "in-flight" else instance.in_flight()
     killed = time.monotonic()
@@ -653,7 +653,7 @@ def phase_kill(run: Run, name: str, mode: str) -> dict[str, Any]:
     delivered = set(calls["key"])
     last_moment = sum(
         sum(1 for at in calls["at_ns"][seen:] if at <= killed_ns)
-        for seen, killed_ns in (k["read_before_kill"] for k in kills)
+        for seen, killed_ns in (k["read_before_kill"] for k in kills if k["read_before_kill"])
     )
     instance.kill9()
     instance.close()

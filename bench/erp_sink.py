@@ -30,18 +30,22 @@ def _empty() -> dict[str, list[object]]:
     return {"at_ns": [], "key": [], "idempotency_key": []}
 
 
+def _add(calls: dict[str, list[object]], at: int, key: str, idempotency_key: str) -> None:
+    calls["at_ns"].append(at)
+    calls["key"].append(key)
+    calls["idempotency_key"].append(idempotency_key)
+
+
 async def put(request: web.Request) -> web.Response:
     """Accept a delivery: record it and answer 200 at once."""
     at = time.time_ns()
     await request.read()
-    calls = request.app[CALLS]
-    calls["at_ns"].append(at)
-    calls["key"].append(request.match_info["tail"].rsplit("/", 1)[-1])
-    calls["idempotency_key"].append(request.headers.get("Idempotency-Key", ""))
+    key = request.match_info["tail"].rsplit("/", 1)[-1]
+    idempotency_key = request.headers.get("Idempotency-Key", "")
+    _add(request.app[CALLS], at, key, idempotency_key)
     record = request.app.get(RECORD)
     if record is not None:  # in the kernel's hands before the 200 goes out
-        line = f"{at}\t{calls['key'][-1]}\t{calls['idempotency_key'][-1]}\n"
-        os.write(record, line.encode())
+        os.write(record, f"{at}\t{key}\t{idempotency_key}\n".encode())
     return web.Response(body=b"{}", content_type="application/json")
 
 
@@ -75,9 +79,7 @@ def make_app(record: Path | None = None) -> web.Application:
         if record.exists():
             for line in record.read_text().splitlines():
                 at, key, idempotency_key = line.split("\t")
-                app[CALLS]["at_ns"].append(int(at))
-                app[CALLS]["key"].append(key)
-                app[CALLS]["idempotency_key"].append(idempotency_key)
+                _add(app[CALLS], int(at), key, idempotency_key)
         app[RECORD] = os.open(record, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     app.router.add_put("/api/{tail:.*}", put)
     app.router.add_get("/stats", stats)
