@@ -18,9 +18,9 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
+import asyncpg
 import sqlalchemy as sa
 from sqlalchemy import event
-from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Connection, Dialect, make_url
 from sqlalchemy.exc import DataError, IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
@@ -60,7 +60,7 @@ class UTCDateTime(sa.types.TypeDecorator[datetime]):
             return None
         if value.tzinfo is None:
             raise ValueError("naive datetime given to the store; use an aware UTC datetime")
-        return value.astimezone(UTC).replace(tzinfo=None)
+        return _naive(value)
 
     def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
         return None if value is None else value.replace(tzinfo=UTC)
@@ -600,9 +600,20 @@ def _insert(dialect_name: str, table: sa.Table) -> Any:
     return sqlite_insert(table)
 
 
-_UNAVAILABLE = (SQLAlchemyError, OSError, asyncio.TimeoutError)
+_UNAVAILABLE = (
+    SQLAlchemyError,
+    OSError,
+    asyncio.TimeoutError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+)
 #: Errors about the statement's values, not about reaching the database.
-_REJECTED = (DataError, IntegrityError)
+_REJECTED = (
+    DataError,
+    IntegrityError,
+    asyncpg.DataError,
+    asyncpg.IntegrityConstraintViolationError,
+)
 
 
 @contextlib.contextmanager
@@ -640,7 +651,7 @@ class SqlStore:
             .on_conflict_do_nothing(index_elements=["dedupe_key"])
             .returning(inbox.c.dedupe_key)
         )
-        self._delivery_sql = _DeliveryStatements.for_dialect(self.dialect)
+        self._delivery_sql = _DeliveryStatements.build()
 
     @asynccontextmanager
     async def _begin(self) -> AsyncIterator[AsyncConnection]:
@@ -679,6 +690,26 @@ class SqlStore:
         assert self._thread_engine is not None
         with self._thread_engine.begin() as conn:
             return body(conn)
+
+    @asynccontextmanager
+    async def _asyncpg(self) -> AsyncIterator[asyncpg.Connection]:
+        """PostgreSQL: a pooled connection's own asyncpg connection, for the delivery hot path.
+
+        Its statements bypass SQLAlchemy's execution layer, which costs several times the
+        driver's own work per statement (bench/pipeline_cpu.py). A statement run on its own
+        is its own transaction; callers open one with ``transaction()`` where they need it.
+        A connection left broken, or still inside a transaction (a cancelled rollback), is
+        invalidated rather than handed to the next user of the pool.
+        """
+        with _store_errors():
+            async with self.engine.connect() as conn:
+                raw = await conn.get_raw_connection()
+                driver: asyncpg.Connection = raw.driver_connection
+                try:
+                    yield driver
+                finally:
+                    if driver.is_closed() or driver.is_in_transaction():
+                        raw.invalidate()
 
     @asynccontextmanager
     async def _read(self) -> AsyncIterator[AsyncConnection]:
@@ -1065,34 +1096,25 @@ class SqlStore:
         """
         now = datetime.now(UTC)
         until = now + timedelta(seconds=lease_seconds)
+        if self.dialect == "postgresql":
+            # One statement, so its own transaction: lock, lease and read in one snapshot; a
+            # change committed since is caught by the completion.
+            async with self._asyncpg() as pg:
+                records = await pg.fetch(
+                    _PG_CLAIM, _naive(now), limit, owner, _naive(until), OutboxState.PENDING.value
+                )
+            # The engine's JSON codec is set on its asyncpg connections: state arrives decoded.
+            return [_claimed(r, dict(r["state"])) for r in records]
         sql = self._delivery_sql
 
         def claim(conn: Connection) -> list[Any]:
-            if sql.claim_one is not None:
-                params = {"b_now": now, "b_limit": limit, "b_owner": owner, "b_until": until}
-                return list(conn.execute(sql.claim_one, params).all())
             ids = list(conn.execute(sql.claim_due, {"b_now": now, "b_limit": limit}).scalars())
             if not ids:
                 return []
             conn.execute(sql.claim_lease, {"b_ids": ids, "b_owner": owner, "b_until": until})
             return list(conn.execute(sql.claim_read, {"b_ids": ids}).all())
 
-        rows = await self._transact(claim)
-        return [
-            ClaimedDelivery(
-                outbox_id=r.outbox_id,
-                entity_id=r.entity_id,
-                entity_type=r.entity_type,
-                entity_key=r.entity_key,
-                state=dict(r.state),
-                content_hash=r.content_hash,
-                revision=r.revision,
-                source=r.source,
-                attempts=r.attempts,
-                replay=r.replay,
-            )
-            for r in rows
-        ]
+        return [_claimed(r._mapping, dict(r.state)) for r in await self._transact(claim)]
 
     async def complete_delivery(
         self, claim: ClaimedDelivery, owner: str, *, started_at: datetime, status: int
@@ -1106,6 +1128,9 @@ class SqlStore:
         A row whose lease another worker holds now (ours expired) is left to that worker.
         """
         now = datetime.now(UTC)
+        if self.dialect == "postgresql":
+            await self._complete_postgresql(done, now)
+            return [None] * len(done)
         sql = self._delivery_sql
 
         def complete(conn: Connection) -> None:
@@ -1146,6 +1171,40 @@ class SqlStore:
 
         await self._transact(complete)
         return [None] * len(done)
+
+    async def _complete_postgresql(self, done: Sequence[Completion], now: datetime) -> None:
+        """complete_deliveries on PostgreSQL: two statements over arrays, in one transaction.
+
+        The first records the attempts and marks the entities delivered, which locks them: a
+        merge changing one of them now waits for this transaction. The second then reads each
+        entity's current revision (a new snapshot, after those locks) and deletes the rows
+        delivered as they are, or requeues those whose entity moved on while in flight.
+        """
+        claims = [d.claim for d in done]
+        at = _naive(now)
+        async with self._asyncpg() as pg, pg.transaction():
+            await pg.execute(
+                _PG_RECORD_DELIVERED,
+                [c.entity_id for c in claims],
+                [_naive(d.started_at) for d in done],
+                [d.status for d in done],
+                [c.idempotency_key for c in claims],
+                [c.revision for c in claims],
+                [c.content_hash for c in claims],
+                [c.source for c in claims],
+                [bool(c.replay) for c in claims],
+                [d.owner for d in done],
+                at,
+                "delivered",
+            )
+            await pg.execute(
+                _PG_SETTLE_DELIVERED,
+                [c.outbox_id for c in claims],
+                [d.owner for d in done],
+                [c.revision for c in claims],
+                [c.replay for c in claims],
+                at,
+            )
 
     async def fail_delivery(
         self,
@@ -1638,16 +1697,13 @@ _NOW = sa.bindparam("b_now", type_=UTCDateTime())
 
 @dataclass(frozen=True)
 class _DeliveryStatements:
-    """The delivery hot path's statements, built once per store: building a statement costs
-    more Python time than executing it (SQLAlchemy caches the compiled form by statement)."""
+    """The delivery hot path's statements on SQLite, built once per store: building a
+    statement costs more Python time than executing it (SQLAlchemy caches the compiled form
+    by statement). PostgreSQL runs its own SQL on the driver (_PG_CLAIM and after)."""
 
     claim_due: sa.Select[Any]
     claim_lease: sa.Update
     claim_read: sa.Select[Any]
-    #: PostgreSQL: the three claim statements as one (a round trip costs syncd more CPU than
-    #: the statement's own work). The rows are locked, leased and read with their entities'
-    #: state in one snapshot; a change committed since is caught by the completion.
-    claim_one: sa.Select[Any] | None
     insert_attempt: sa.Insert
     mark_delivered: sa.Update
     outbox_now: sa.Select[Any]
@@ -1655,77 +1711,38 @@ class _DeliveryStatements:
     requeue_changed: sa.Update
 
     @classmethod
-    def for_dialect(cls, dialect: str) -> _DeliveryStatements:
-        """``b_ids`` takes a list of ids. On PostgreSQL it is one array parameter, so each
-        statement has one SQL text whatever the count: an expanded ``IN (...)`` is rendered
-        anew per execution, and every count is another statement for asyncpg to prepare."""
-        if dialect == "postgresql":
-            ids: Any = sa.bindparam("b_ids", type_=postgresql.ARRAY(sa.BigInteger()))
-
-            def id_in(column: sa.ColumnElement[int]) -> sa.ColumnElement[bool]:
-                return column == sa.any_(ids)
-        else:
-            ids = sa.bindparam("b_ids", expanding=True)
-
-            def id_in(column: sa.ColumnElement[int]) -> sa.ColumnElement[bool]:
-                return column.in_(ids)
-
-        due = (
-            sa.select(outbox.c.id)
+    def build(cls) -> _DeliveryStatements:
+        """The statements; ``b_ids`` takes a list of ids."""
+        ids: Any = sa.bindparam("b_ids", expanding=True)
+        lease = {
+            "lease_owner": sa.bindparam("b_owner"),
+            "lease_until": sa.bindparam("b_until", type_=UTCDateTime()),
+        }
+        return cls(
+            claim_due=sa.select(outbox.c.id)
             .where(
                 outbox.c.state == OutboxState.PENDING.value,
                 outbox.c.next_attempt_at <= _NOW,
                 sa.or_(outbox.c.lease_until.is_(None), outbox.c.lease_until < _NOW),
             )
             .order_by(outbox.c.next_attempt_at, outbox.c.id)
-            .limit(sa.bindparam("b_limit", type_=sa.Integer))
-            .with_for_update(skip_locked=True)
-        )
-        lease = {
-            "lease_owner": sa.bindparam("b_owner"),
-            "lease_until": sa.bindparam("b_until", type_=UTCDateTime()),
-        }
-
-        def claimed(rows: Any) -> sa.Select[Any]:
-            return (
-                sa.select(
-                    rows.c.id.label("outbox_id"),
-                    rows.c.attempts,
-                    rows.c.replay,
-                    entities.c.id.label("entity_id"),
-                    entities.c.entity_type,
-                    entities.c.entity_key,
-                    entities.c.state,
-                    entities.c.content_hash,
-                    entities.c.revision,
-                    entities.c.source,
-                )
-                .join(entities, entities.c.id == rows.c.entity_id)
-                .order_by(rows.c.next_attempt_at, rows.c.id)
+            .limit(sa.bindparam("b_limit", type_=sa.Integer)),
+            claim_lease=outbox.update().where(outbox.c.id.in_(ids)).values(**lease),
+            claim_read=sa.select(
+                outbox.c.id.label("outbox_id"),
+                outbox.c.attempts,
+                outbox.c.replay,
+                entities.c.id.label("entity_id"),
+                entities.c.entity_type,
+                entities.c.entity_key,
+                entities.c.state,
+                entities.c.content_hash,
+                entities.c.revision,
+                entities.c.source,
             )
-
-        claim_one = None
-        if dialect == "postgresql":
-            locked = due.cte("due")
-            leased = (
-                outbox.update()
-                .where(outbox.c.id == locked.c.id)
-                .values(**lease)
-                .returning(
-                    outbox.c.id,
-                    outbox.c.attempts,
-                    outbox.c.replay,
-                    outbox.c.entity_id,
-                    outbox.c.next_attempt_at,
-                )
-                .cte("leased")
-            )
-            claim_one = claimed(leased)
-        return cls(
-            claim_due=due,
-            claim_lease=outbox.update().where(id_in(outbox.c.id)).values(**lease),
-            claim_read=claimed(outbox).where(id_in(outbox.c.id)),
-            claim_one=claim_one,
+            .join(entities, entities.c.id == outbox.c.entity_id)
+            .where(outbox.c.id.in_(ids))
+            .order_by(outbox.c.next_attempt_at, outbox.c.id),
             insert_attempt=delivery_attempts.insert(),
             mark_delivered=entities.update()
             .where(entities.c.id == sa.bindparam("b_id"))
@@ -1738,10 +1755,10 @@ class _DeliveryStatements:
                 outbox.c.id, outbox.c.lease_owner, outbox.c.replay, entities.c.revision
             )
             .join(entities, entities.c.id == outbox.c.entity_id)
-            .where(id_in(outbox.c.id)),
-            delete_outbox=outbox.delete().where(id_in(outbox.c.id)),
+            .where(outbox.c.id.in_(ids)),
+            delete_outbox=outbox.delete().where(outbox.c.id.in_(ids)),
             requeue_changed=outbox.update()
-            .where(id_in(outbox.c.id))
+            .where(outbox.c.id.in_(ids))
             .values(
                 attempts=0,
                 next_attempt_at=_NOW,
@@ -1752,6 +1769,91 @@ class _DeliveryStatements:
                 updated_at=_NOW,
             ),
         )
+
+
+# The delivery hot path on PostgreSQL, as SQL for asyncpg (see SqlStore._asyncpg). Lists go
+# in as arrays, so each statement has one text whatever the batch size, prepared once per
+# connection. Timestamps are naive UTC, as UTCDateTime stores them.
+
+#: Lease up to $2 due rows to $3 until $4 ($1 now, $5 the pending state), oldest first,
+#: skipping rows another worker has locked, and read them with their entities' state.
+_PG_CLAIM = """
+WITH due AS (
+    SELECT id FROM outbox
+    WHERE state = $5 AND next_attempt_at <= $1 AND (lease_until IS NULL OR lease_until < $1)
+    ORDER BY next_attempt_at, id
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED
+), leased AS (
+    UPDATE outbox SET lease_owner = $3, lease_until = $4
+    FROM due WHERE outbox.id = due.id
+    RETURNING outbox.id, outbox.attempts, outbox.replay, outbox.entity_id, outbox.next_attempt_at
+)
+SELECT leased.id AS outbox_id, leased.attempts, leased.replay, e.id AS entity_id,
+       e.entity_type, e.entity_key, e.state, e.content_hash, e.revision, e.source
+FROM leased JOIN entities e ON e.id = leased.entity_id
+ORDER BY leased.next_attempt_at, leased.id
+"""
+
+#: One attempt row per delivery (outcome $11, finished at $10), and each entity marked
+#: delivered at the revision and hash that went out.
+_PG_RECORD_DELIVERED = """
+WITH done AS (
+    SELECT * FROM unnest(
+        $1::bigint[], $2::timestamp[], $3::integer[], $4::varchar[], $5::integer[],
+        $6::varchar[], $7::varchar[], $8::boolean[], $9::varchar[]
+    ) AS d(entity_id, started_at, status_code, idempotency_key, revision, content_hash,
+           source, replay, worker)
+), attempts AS (
+    INSERT INTO delivery_attempts (entity_id, started_at, finished_at, outcome, status_code,
+                                   idempotency_key, revision, content_hash, source, replay,
+                                   worker)
+    SELECT entity_id, started_at, $10, $11, status_code, idempotency_key, revision,
+           content_hash, source, replay, worker
+    FROM done
+)
+UPDATE entities SET delivered_hash = done.content_hash, delivered_revision = done.revision,
+                    delivered_at = $10
+FROM done WHERE entities.id = done.entity_id
+"""
+
+#: For each delivered row still leased to its worker: delete it if its entity is at the
+#: revision (and replay) that went out, else make it due at once ($5) with fresh attempts.
+_PG_SETTLE_DELIVERED = """
+WITH current AS (
+    SELECT o.id, e.revision = d.revision AND o.replay = d.replay AS unchanged
+    FROM unnest($1::bigint[], $2::varchar[], $3::integer[], $4::integer[])
+        AS d(outbox_id, owner, revision, replay)
+    JOIN outbox o ON o.id = d.outbox_id AND o.lease_owner = d.owner
+    JOIN entities e ON e.id = o.entity_id
+), finished AS (
+    DELETE FROM outbox WHERE id IN (SELECT id FROM current WHERE unchanged)
+)
+UPDATE outbox SET attempts = 0, next_attempt_at = $5, lease_owner = NULL, lease_until = NULL,
+                  last_status = NULL, last_error = NULL, updated_at = $5
+WHERE id IN (SELECT id FROM current WHERE NOT unchanged)
+"""
+
+
+def _naive(value: datetime) -> datetime:
+    """An aware datetime as the naive UTC the store's timestamp columns hold."""
+    return value.astimezone(UTC).replace(tzinfo=None)
+
+
+def _claimed(row: Any, state: dict[str, Any]) -> ClaimedDelivery:
+    """A claimed row (SQLAlchemy Row or asyncpg Record) with its decoded entity state."""
+    return ClaimedDelivery(
+        outbox_id=row["outbox_id"],
+        entity_id=row["entity_id"],
+        entity_type=row["entity_type"],
+        entity_key=row["entity_key"],
+        state=state,
+        content_hash=row["content_hash"],
+        revision=row["revision"],
+        source=row["source"],
+        attempts=row["attempts"],
+        replay=row["replay"],
+    )
 
 
 _ENTITY_WRITE_COLUMNS = (
