@@ -1,17 +1,18 @@
-"""bench/pipeline_cpu: CPU per message of each stage of syncd's pipeline, on SQLite, in-process.
+"""bench/pipeline_cpu: CPU per message of each stage of syncd's pipeline, in-process.
 
 The ingest benchmark runs the whole daemon, where the group commit, the merge and the
 delivery workers share one core and their costs cannot be told apart in a py-spy profile
 (SQLAlchemy's greenlets hide the caller of every statement). This script runs each stage on
 its own over the same orderEvent bodies as bench/ingest.py and reports process CPU (event
-loop plus the aiosqlite thread) per message at several batch sizes:
+loop plus the store's thread) per message at several batch sizes, on SQLite or, with
+``--postgresql``, on a fresh database of the local PostgreSQL server (dropped afterwards):
 
 - ``commit``: ``SqlStore.add_messages`` with B messages per transaction (the group commit);
 - ``merge``: ``SqlStore.process_inbox(limit=B)`` until the inbox is drained;
 - ``deliver``: ``claim_deliveries(limit=B)`` then ``complete_deliveries`` of what it claimed
   (no ERP call: the store's share of a delivery only).
 
-    .venv/bin/python bench/pipeline_cpu.py [--messages 2000] [--sizes 1,8,32,200]
+    .venv/bin/python bench/pipeline_cpu.py [--messages 2000] [--sizes 1,8,32,200] [--postgresql]
 """
 
 from __future__ import annotations
@@ -20,19 +21,24 @@ import argparse
 import asyncio
 import json
 import sys
+import os
 import tempfile
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import asyncpg
 from ingest import Payloads
 
 from syncd.messages import parse_body
 from syncd.store import Completion, NewMessage, SqlStore
 
 HEADERS = {"content-type": "application/json", "user-agent": "wrk"}
+PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 
 
 def new_messages(payloads: Payloads, count: int) -> list[NewMessage]:
@@ -56,8 +62,34 @@ def new_messages(payloads: Payloads, count: int) -> list[NewMessage]:
     return out
 
 
-async def stage(size: int, count: int, payloads: Payloads, scratch: Path) -> dict[str, float]:
-    store = SqlStore(f"sqlite+aiosqlite:///{scratch / f'p{size}.db'}")
+@asynccontextmanager
+async def database(size: int, scratch: Path, postgresql: bool) -> AsyncIterator[str]:
+    """A fresh store URL: a SQLite file in ``scratch``, or a PostgreSQL database dropped after."""
+    if not postgresql:
+        yield f"sqlite+aiosqlite:///{scratch / f'p{size}.db'}"
+        return
+    name = f"syncd_pipeline_cpu_{os.getpid()}_{size}"
+    admin = await asyncpg.connect(PG_ADMIN)
+    try:
+        await admin.execute(f"DROP DATABASE IF EXISTS {name}")
+        await admin.execute(f"CREATE DATABASE {name}")
+        try:
+            yield f"postgresql+asyncpg://postgres@127.0.0.1:5432/{name}"
+        finally:
+            await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    finally:
+        await admin.close()
+
+
+async def stage(
+    size: int, count: int, payloads: Payloads, scratch: Path, postgresql: bool
+) -> dict[str, float]:
+    async with database(size, scratch, postgresql) as url:
+        return await _stage(url, size, count, payloads)
+
+
+async def _stage(url: str, size: int, count: int, payloads: Payloads) -> dict[str, float]:
+    store = SqlStore(url)
     await store.migrate()
     rows = new_messages(payloads, count)
     result: dict[str, float] = {}
@@ -95,15 +127,16 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--messages", type=int, default=2000)
     parser.add_argument("--sizes", default="1,8,32,200")
+    parser.add_argument("--postgresql", action="store_true", help="the local server, not SQLite")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args()
     payloads = Payloads(seed=1)
     results = {}
     with tempfile.TemporaryDirectory(prefix="syncd-pipeline-cpu-") as tmp:
         # A first, unmeasured pass warms SQLAlchemy's statement cache and imports.
-        await stage(8, 200, payloads, Path(tmp))
+        await stage(8, 200, payloads, Path(tmp), args.postgresql)
         for size in (int(s) for s in args.sizes.split(",")):
-            results[size] = await stage(size, args.messages, payloads, Path(tmp))
+            results[size] = await stage(size, args.messages, payloads, Path(tmp), args.postgresql)
     if args.json:
         print(json.dumps(results))
         return

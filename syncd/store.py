@@ -22,8 +22,9 @@ import asyncpg
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Dialect, make_url
-from sqlalchemy.exc import DataError, IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import DataError, DisconnectionError, IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.pool import PoolProxiedConnection
 
 from syncd import jsoncodec
 from syncd.errors import SchemaMismatch, StoreRejected, StoreUnavailable
@@ -557,11 +558,10 @@ def create_engine(url: str) -> AsyncEngine:
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         event.listen(engine.sync_engine, "begin", _sqlite_begin)
         return engine
-    return create_async_engine(
+    engine = create_async_engine(
         parsed,
         pool_size=10,
         max_overflow=10,
-        pool_pre_ping=True,
         pool_timeout=10,
         **_JSON_CODEC,
         connect_args={
@@ -570,6 +570,20 @@ def create_engine(url: str) -> AsyncEngine:
             "server_settings": {"application_name": "syncd"},
         },
     )
+    event.listen(engine.sync_engine.pool, "checkout", _drop_closed_connection)
+    return engine
+
+
+def _drop_closed_connection(_dbapi: Any, _record: Any, proxy: PoolProxiedConnection) -> None:
+    """Never hand out a pooled PostgreSQL connection that the server has closed.
+
+    A restarted or stopped server closes its connections, and asyncpg notices at once, so
+    this check needs no round trip: SQLAlchemy's pool_pre_ping spent three (BEGIN, ping,
+    ROLLBACK) on every checkout, as many as the statements of a whole delivery claim.
+    Raising DisconnectionError makes the pool discard it and connect anew.
+    """
+    if proxy.driver_connection is None or proxy.driver_connection.is_closed():
+        raise DisconnectionError("connection closed by the server")
 
 
 def _sqlite_thread_engine(url: str) -> sa.Engine | None:

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import asyncpg
 import pytest
 import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
@@ -26,6 +27,7 @@ from syncd.store import (
     metadata,
 )
 from syncd.testing import TcpProxy
+from tests.conftest import _asyncpg_dsn
 
 
 def message(key: str, *, at: datetime | None = None, body: bytes = b"{}") -> NewMessage:
@@ -258,6 +260,40 @@ async def test_postgres_outage_is_unavailable_then_recovers(pg_migrated_url: str
     finally:
         await store.close()
         await proxy.cut()
+        from tests.conftest import _truncate
+
+        await _truncate(pg_migrated_url)
+
+
+@pytest.mark.postgres
+async def test_postgres_connections_closed_by_the_server_are_not_reused(
+    pg_migrated_url: str,
+) -> None:
+    """After the server ends syncd's connections (a restart, an operator's
+    pg_terminate_backend), the next writes and delivery claims connect anew and succeed:
+    the pool drops connections closed under it instead of failing one call on each."""
+    store = SqlStore(pg_migrated_url)
+    database = make_url(pg_migrated_url).database
+    try:
+        # Several pooled connections, as a busy daemon has.
+        await asyncio.gather(*(store.add_messages([message(f"m{i}")]) for i in range(4)))
+        await store.claim_deliveries("w", 1, 60.0)
+        admin = await asyncpg.connect(_asyncpg_dsn(pg_migrated_url))
+        try:
+            ended = await admin.fetchval(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                " WHERE datname = $1 AND pid <> pg_backend_pid()",
+                database,
+            )
+        finally:
+            await admin.close()
+        assert ended >= 1
+        await asyncio.sleep(0.2)  # the server's close reaches the client
+        for i in range(4):
+            assert await store.add_messages([message(f"after{i}")]) == [True]
+            assert await store.claim_deliveries("w", 1, 60.0) == []
+    finally:
+        await store.close()
         from tests.conftest import _truncate
 
         await _truncate(pg_migrated_url)
