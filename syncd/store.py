@@ -707,7 +707,7 @@ class SqlStore:
 
     @asynccontextmanager
     async def _asyncpg(self) -> AsyncIterator[asyncpg.Connection]:
-        """PostgreSQL: a pooled connection's own asyncpg connection, for the delivery hot path.
+        """PostgreSQL: a pooled connection's own asyncpg connection, for the hot paths.
 
         Its statements bypass SQLAlchemy's execution layer, which costs several times the
         driver's own work per statement (bench/pipeline_cpu.py). A statement run on its own
@@ -740,7 +740,28 @@ class SqlStore:
         first: dict[str, int] = {}
         for index, message in enumerate(messages):
             first.setdefault(message.dedupe_key, index)
-        rows = [_message_row(messages[i]) for i in first.values()]
+        unique = [messages[i] for i in first.values()]
+        if self.dialect == "postgresql":
+            # One statement, so its own transaction, durable when it returns.
+            async with self._asyncpg() as pg:
+                records = await pg.fetch(
+                    _PG_ADD_MESSAGES,
+                    [m.dedupe_key for m in unique],
+                    [m.message_type for m in unique],
+                    [m.message_id for m in unique],
+                    [m.source for m in unique],
+                    [m.body for m in unique],
+                    [jsoncodec.dumps(m.headers) for m in unique],
+                    [m.remote_addr for m in unique],
+                    [_naive(m.received_at) for m in unique],
+                    InboxState.PENDING.value,
+                )
+            inserted = {r["dedupe_key"] for r in records}
+            return [
+                first[m.dedupe_key] == i and m.dedupe_key in inserted
+                for i, m in enumerate(messages)
+            ]
+        rows = [_message_row(m) for m in unique]
 
         def insert(conn: Connection) -> set[str]:
             # One constant statement, executed for many rows: SQLAlchemy caches its
@@ -1788,6 +1809,21 @@ class _DeliveryStatements:
 # The delivery hot path on PostgreSQL, as SQL for asyncpg (see SqlStore._asyncpg). Lists go
 # in as arrays, so each statement has one text whatever the batch size, prepared once per
 # connection. Timestamps are naive UTC, as UTCDateTime stores them.
+
+#: The group commit: new messages ($9 their state), each dedupe key kept once; returns the
+#: keys that were new.
+_PG_ADD_MESSAGES = """
+INSERT INTO inbox (dedupe_key, message_type, message_id, source, body, headers, remote_addr,
+                   received_at, state)
+SELECT dedupe_key, message_type, message_id, source, body, headers::json, remote_addr,
+       received_at, $9
+FROM unnest(
+    $1::varchar[], $2::varchar[], $3::varchar[], $4::varchar[], $5::bytea[], $6::text[],
+    $7::varchar[], $8::timestamp[]
+) AS m(dedupe_key, message_type, message_id, source, body, headers, remote_addr, received_at)
+ON CONFLICT (dedupe_key) DO NOTHING
+RETURNING dedupe_key
+"""
 
 #: Lease up to $2 due rows to $3 until $4 ($1 now, $5 the pending state), oldest first,
 #: skipping rows another worker has locked, and read them with their entities' state.
