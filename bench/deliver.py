@@ -672,9 +672,10 @@ def wait_for_calls(
     profiler = None
     stats = run.sink.stats()
     while stats["count"] < expected and time.monotonic() < deadline and daemon.alive():
-        if profile_at is not None and profiler is None and stats["count"] >= profile_at:
+        if profile_at is not None and stats["count"] >= profile_at:
             output = OUT / "deliver-profile-raw.txt"
             profiler = start_profile(daemon.pid, run.args.profile_seconds, output)
+            profile_at = None  # once, whether or not py-spy is there
         time.sleep(0.2)
         meter.sample()
         stats = run.sink.stats()
