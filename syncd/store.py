@@ -666,6 +666,7 @@ class SqlStore:
             .returning(inbox.c.dedupe_key)
         )
         self._delivery_sql = _DeliveryStatements.build()
+        self._merge_sql = _MergeStatements.build(self.dialect)
 
     @asynccontextmanager
     async def _begin(self) -> AsyncIterator[AsyncConnection]:
@@ -879,14 +880,8 @@ class SqlStore:
         return await self._transact(lambda conn: self._process_inbox(conn, limit))
 
     def _process_inbox(self, conn: Connection, limit: int) -> ProcessResult:
-        stmt = (
-            sa.select(inbox.c.id, inbox.c.message_type, inbox.c.body, inbox.c.source)
-            .where(inbox.c.state == InboxState.PENDING.value)
-            .order_by(inbox.c.id)
-            .limit(limit)
-            .with_for_update(skip_locked=True)
-        )
-        rows = conn.execute(stmt).all()
+        sql = self._merge_sql
+        rows = conn.execute(sql.pending_messages, {"b_limit": limit}).all()
         if not rows:
             return ProcessResult()
         items: list[tuple[int | None, Fact]] = []
@@ -913,16 +908,11 @@ class SqlStore:
         now = datetime.now(UTC)
         done = [row.id for row in rows if row.id not in failed]
         if done:
+            conn.execute(sql.messages_done, {"b_ids": done, "b_now": now})
+        if failed:
             conn.execute(
-                inbox.update()
-                .where(inbox.c.id.in_(done))
-                .values(state=InboxState.DONE.value, processed_at=now)
-            )
-        for message_id, error in failed.items():
-            conn.execute(
-                inbox.update()
-                .where(inbox.c.id == message_id)
-                .values(state=InboxState.FAILED.value, error=error, processed_at=now)
+                sql.message_failed,
+                [{"b_id": i, "b_error": error, "b_now": now} for i, error in failed.items()],
             )
         return ProcessResult(
             len(rows), len(items), len(failed), queued, tuple(decisions), tuple(snapshots)
@@ -955,15 +945,8 @@ class SqlStore:
         # use it for a row-value `(type, key) IN (...)`, which scanned the table per page.
         for entity_type, names in by_type.items():
             for start in range(0, len(names), INSERT_CHUNK):
-                stmt = (
-                    _ENTITY_SELECT.where(
-                        entities.c.entity_type == entity_type,
-                        entities.c.entity_key.in_(names[start : start + INSERT_CHUNK]),
-                    )
-                    .order_by(entities.c.id)
-                    .with_for_update(of=entities)
-                )
-                for row in conn.execute(stmt).all():
+                chunk = {"b_type": entity_type, "b_keys": names[start : start + INSERT_CHUNK]}
+                for row in conn.execute(self._merge_sql.entities_by_key, chunk).all():
                     record = EntityRecord.from_row(row)
                     found[(record.entity_type, record.entity_key)] = record
         return found
@@ -1003,7 +986,7 @@ class SqlStore:
         queued = self._queue_all(conn, work, ids, now)
         if recorded:
             conn.execute(
-                facts.insert(),
+                self._merge_sql.insert_facts,
                 [
                     _fact_row(inbox_id, ids[(f.entity_type, f.entity_key)], f, d, now)
                     for inbox_id, f, d in recorded
@@ -1018,10 +1001,7 @@ class SqlStore:
         ids = {key: p.entity.id for key, p in work.items() if p.entity is not None}
         fresh = [p.row(key, now) for key, p in work.items() if p.entity is None and p.folded]
         if fresh:
-            stmt = entities.insert().returning(
-                entities.c.id, entities.c.entity_type, entities.c.entity_key
-            )
-            for row in conn.execute(stmt, fresh).all():
+            for row in conn.execute(self._merge_sql.insert_entities, fresh).all():
                 ids[(row.entity_type, row.entity_key)] = row.id
         changed = []
         for key, p in work.items():
@@ -1031,12 +1011,7 @@ class SqlStore:
                     {"b_id": p.entity.id, **{f"b_{c}": values[c] for c in _ENTITY_WRITE_COLUMNS}}
                 )
         if changed:
-            update = (
-                entities.update()
-                .where(entities.c.id == sa.bindparam("b_id"))
-                .values({c: sa.bindparam(f"b_{c}") for c in _ENTITY_WRITE_COLUMNS})
-            )
-            conn.execute(update, changed)
+            conn.execute(self._merge_sql.update_entities, changed)
         return ids
 
     def _queue_all(
@@ -1075,26 +1050,9 @@ class SqlStore:
             # A pending row seen at load time may be gone: on PostgreSQL the outbox columns
             # are not re-read after waiting for the entity lock, and the completion that held
             # it deletes the row of the version it delivered. So insert unless a row is there.
-            stmt = (
-                _insert(conn.dialect.name, outbox)
-                .on_conflict_do_nothing(index_elements=["entity_id"])
-                .returning(outbox.c.id)
-            )
-            inserted = len(conn.execute(stmt, wanted).all())
+            inserted = len(conn.execute(self._merge_sql.queue_outbox, wanted).all())
         if revive:
-            conn.execute(
-                outbox.update()
-                .where(outbox.c.id.in_(revive))
-                .values(
-                    state=OutboxState.PENDING.value,
-                    attempts=0,
-                    next_attempt_at=now,
-                    lease_owner=None,
-                    lease_until=None,
-                    replay=0,
-                    updated_at=now,
-                )
-            )
+            conn.execute(self._merge_sql.revive_outbox, {"b_ids": revive, "b_now": now})
         return inserted + len(revive)
 
     async def get_entity(self, entity_type: str, entity_key: str) -> EntityRecord | None:
@@ -1803,6 +1761,72 @@ class _DeliveryStatements:
                 last_error=None,
                 updated_at=_NOW,
             ),
+        )
+
+
+@dataclass(frozen=True)
+class _MergeStatements:
+    """The merge's statements, built once per store. A statement built anew for each pass
+    spent more Python time in SQLAlchemy's construction and cache-key generation than in
+    executing it; a constant one memoises its cache key."""
+
+    pending_messages: sa.Select[Any]
+    messages_done: sa.Update
+    message_failed: sa.Update
+    entities_by_key: sa.Select[Any]
+    insert_entities: sa.Insert
+    update_entities: sa.Update
+    queue_outbox: Any  # the dialect's INSERT ... ON CONFLICT DO NOTHING
+    revive_outbox: sa.Update
+    insert_facts: sa.Insert
+
+    @classmethod
+    def build(cls, dialect: str) -> _MergeStatements:
+        """The statements for ``dialect``; ``b_ids`` and ``b_keys`` take lists."""
+        ids: Any = sa.bindparam("b_ids", expanding=True)
+        return cls(
+            pending_messages=sa.select(
+                inbox.c.id, inbox.c.message_type, inbox.c.body, inbox.c.source
+            )
+            .where(inbox.c.state == InboxState.PENDING.value)
+            .order_by(inbox.c.id)
+            .limit(sa.bindparam("b_limit", type_=sa.Integer))
+            .with_for_update(skip_locked=True),
+            messages_done=inbox.update()
+            .where(inbox.c.id.in_(ids))
+            .values(state=InboxState.DONE.value, processed_at=_NOW),
+            message_failed=inbox.update()
+            .where(inbox.c.id == sa.bindparam("b_id"))
+            .values(
+                state=InboxState.FAILED.value, error=sa.bindparam("b_error"), processed_at=_NOW
+            ),
+            entities_by_key=_ENTITY_SELECT.where(
+                entities.c.entity_type == sa.bindparam("b_type"),
+                entities.c.entity_key.in_(sa.bindparam("b_keys", expanding=True)),
+            )
+            .order_by(entities.c.id)
+            .with_for_update(of=entities),
+            insert_entities=entities.insert().returning(
+                entities.c.id, entities.c.entity_type, entities.c.entity_key
+            ),
+            update_entities=entities.update()
+            .where(entities.c.id == sa.bindparam("b_id"))
+            .values({c: sa.bindparam(f"b_{c}") for c in _ENTITY_WRITE_COLUMNS}),
+            queue_outbox=_insert(dialect, outbox)
+            .on_conflict_do_nothing(index_elements=["entity_id"])
+            .returning(outbox.c.id),
+            revive_outbox=outbox.update()
+            .where(outbox.c.id.in_(ids))
+            .values(
+                state=OutboxState.PENDING.value,
+                attempts=0,
+                next_attempt_at=_NOW,
+                lease_owner=None,
+                lease_until=None,
+                replay=0,
+                updated_at=_NOW,
+            ),
+            insert_facts=facts.insert(),
         )
 
 
