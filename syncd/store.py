@@ -1,6 +1,9 @@
 """The SQL event store: inbox of received messages, quarantine, schema management.
 
 ORM rows never leave this module: callers get frozen dataclasses built with ``from_row``.
+The schema, migrations and most statements are SQLAlchemy's; on PostgreSQL the hottest ones
+(group commit, delivery claim and completion) run as plain SQL on the pooled asyncpg
+connection, where SQLAlchemy's execution layer cost more than the statements themselves.
 Every driver error is converted to :class:`~syncd.errors.StoreUnavailable` at this boundary,
 so the receiver can answer 503 and MasonHub retries instead of believing we stored it.
 """
