@@ -20,8 +20,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import sys
 import os
+import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator
