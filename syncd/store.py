@@ -19,9 +19,8 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-import asyncpg
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Dialect, make_url
@@ -33,6 +32,9 @@ from syncd import jsoncodec
 from syncd.errors import SchemaMismatch, StoreRejected, StoreUnavailable
 from syncd.facts import Fact, NormalisationError, Version, message_facts, snapshot_url
 from syncd.merge import Current, Decision, Outcome, decide
+
+if TYPE_CHECKING:
+    import asyncpg
 
 T = TypeVar("T")
 
@@ -617,30 +619,22 @@ def _insert(dialect_name: str, table: sa.Table) -> Any:
     return sqlite_insert(table)
 
 
-_UNAVAILABLE = (
-    SQLAlchemyError,
-    OSError,
-    asyncio.TimeoutError,
-    asyncpg.PostgresError,
-    asyncpg.InterfaceError,
-)
+_UNAVAILABLE: tuple[type[BaseException], ...] = (SQLAlchemyError, OSError, asyncio.TimeoutError)
 #: Errors about the statement's values, not about reaching the database.
-_REJECTED = (
-    DataError,
-    IntegrityError,
-    asyncpg.DataError,
-    asyncpg.IntegrityConstraintViolationError,
-)
+_REJECTED: tuple[type[BaseException], ...] = (DataError, IntegrityError)
 
 
 @contextlib.contextmanager
-def _store_errors() -> Iterator[None]:
+def _store_errors(
+    rejected: tuple[type[BaseException], ...] = _REJECTED,
+    unavailable: tuple[type[BaseException], ...] = _UNAVAILABLE,
+) -> Iterator[None]:
     """Driver and connection errors as the store's own: StoreRejected, else StoreUnavailable."""
     try:
         yield
-    except _REJECTED as exc:
+    except rejected as exc:
         raise StoreRejected(f"event store refused a value: {_describe(exc)}") from exc
-    except _UNAVAILABLE as exc:
+    except unavailable as exc:
         raise StoreUnavailable(f"event store unavailable: {_describe(exc)}") from exc
 
 
@@ -719,7 +713,12 @@ class SqlStore:
         A connection left broken, or still inside a transaction (a cancelled rollback), is
         invalidated rather than handed to the next user of the pool.
         """
-        with _store_errors():
+        # Imported here: a SQLite daemon starts without loading the PostgreSQL driver.
+        import asyncpg
+
+        rejected = (*_REJECTED, asyncpg.DataError, asyncpg.IntegrityConstraintViolationError)
+        unavailable = (*_UNAVAILABLE, asyncpg.PostgresError, asyncpg.InterfaceError)
+        with _store_errors(rejected, unavailable):
             async with self.engine.connect() as conn:
                 raw = await conn.get_raw_connection()
                 driver: asyncpg.Connection = raw.driver_connection
