@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import functools
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -624,6 +625,18 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (SQLAlchemyError, OSError, async
 _REJECTED: tuple[type[BaseException], ...] = (DataError, IntegrityError)
 
 
+@functools.cache
+def _asyncpg_errors() -> tuple[tuple[type[BaseException], ...], tuple[type[BaseException], ...]]:
+    """_REJECTED and _UNAVAILABLE with asyncpg's own errors added, for statements run on the
+    driver. Imported on first use: a SQLite daemon starts without loading asyncpg."""
+    import asyncpg
+
+    return (
+        (*_REJECTED, asyncpg.DataError, asyncpg.IntegrityConstraintViolationError),
+        (*_UNAVAILABLE, asyncpg.PostgresError, asyncpg.InterfaceError),
+    )
+
+
 @contextlib.contextmanager
 def _store_errors(
     rejected: tuple[type[BaseException], ...] = _REJECTED,
@@ -713,12 +726,7 @@ class SqlStore:
         A connection left broken, or still inside a transaction (a cancelled rollback), is
         invalidated rather than handed to the next user of the pool.
         """
-        # Imported here: a SQLite daemon starts without loading the PostgreSQL driver.
-        import asyncpg
-
-        rejected = (*_REJECTED, asyncpg.DataError, asyncpg.IntegrityConstraintViolationError)
-        unavailable = (*_UNAVAILABLE, asyncpg.PostgresError, asyncpg.InterfaceError)
-        with _store_errors(rejected, unavailable):
+        with _store_errors(*_asyncpg_errors()):
             async with self.engine.connect() as conn:
                 raw = await conn.get_raw_connection()
                 driver: asyncpg.Connection = raw.driver_connection
@@ -760,19 +768,16 @@ class SqlStore:
                     InboxState.PENDING.value,
                 )
             inserted = {r["dedupe_key"] for r in records}
-            return [
-                first[m.dedupe_key] == i and m.dedupe_key in inserted
-                for i, m in enumerate(messages)
-            ]
-        rows = [_message_row(m) for m in unique]
+        else:
+            rows = [_message_row(m) for m in unique]
 
-        def insert(conn: Connection) -> set[str]:
-            # One constant statement, executed for many rows: SQLAlchemy caches its
-            # compilation and batches the rows itself ("insertmanyvalues"), where building
-            # .values(rows) anew for every commit recompiled it each time.
-            return set(conn.execute(self._add_message, rows).scalars())
+            def insert(conn: Connection) -> set[str]:
+                # One constant statement, executed for many rows: SQLAlchemy caches its
+                # compilation and batches the rows itself ("insertmanyvalues"), where building
+                # .values(rows) anew for every commit recompiled it each time.
+                return set(conn.execute(self._add_message, rows).scalars())
 
-        inserted = await self._transact(insert)
+            inserted = await self._transact(insert)
         return [
             first[m.dedupe_key] == i and m.dedupe_key in inserted for i, m in enumerate(messages)
         ]
@@ -1125,7 +1130,12 @@ class SqlStore:
         now = datetime.now(UTC)
         if self.dialect == "postgresql":
             await self._complete_postgresql(done, now)
-            return [None] * len(done)
+        else:
+            await self._complete_sqlite(done, now)
+        return [None] * len(done)
+
+    async def _complete_sqlite(self, done: Sequence[Completion], now: datetime) -> None:
+        """complete_deliveries on SQLite, in one write transaction."""
         sql = self._delivery_sql
 
         def complete(conn: Connection) -> None:
@@ -1165,7 +1175,6 @@ class SqlStore:
                 conn.execute(sql.requeue_changed, {"b_ids": changed, "b_now": now})
 
         await self._transact(complete)
-        return [None] * len(done)
 
     async def _complete_postgresql(self, done: Sequence[Completion], now: datetime) -> None:
         """complete_deliveries on PostgreSQL: two statements over arrays, in one transaction.
@@ -1832,7 +1841,7 @@ class _MergeStatements:
         )
 
 
-# The delivery hot path on PostgreSQL, as SQL for asyncpg (see SqlStore._asyncpg). Lists go
+# The hot paths on PostgreSQL, as SQL for asyncpg (see SqlStore._asyncpg). Lists go
 # in as arrays, so each statement has one text whatever the batch size, prepared once per
 # connection. Timestamps are naive UTC, as UTCDateTime stores them.
 
