@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import sys
 import tempfile
 import time
@@ -31,8 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import asyncpg
-from ingest import Payloads
+from ingest import Payloads, PostgresBackend
 
 from syncd.messages import parse_body
 from syncd.store import Completion, NewMessage, SqlStore
@@ -68,17 +66,13 @@ async def database(size: int, scratch: Path, postgresql: bool) -> AsyncIterator[
     if not postgresql:
         yield f"sqlite+aiosqlite:///{scratch / f'p{size}.db'}"
         return
-    name = f"syncd_pipeline_cpu_{os.getpid()}_{size}"
-    admin = await asyncpg.connect(PG_ADMIN)
+    # bench/ingest's database helper; it runs its own event loop, hence the thread.
+    backend = PostgresBackend(PG_ADMIN, f"pipeline_cpu_{size}")
+    await asyncio.to_thread(backend.create)
     try:
-        await admin.execute(f"DROP DATABASE IF EXISTS {name}")
-        await admin.execute(f"CREATE DATABASE {name}")
-        try:
-            yield f"postgresql+asyncpg://postgres@127.0.0.1:5432/{name}"
-        finally:
-            await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        yield backend.url
     finally:
-        await admin.close()
+        await asyncio.to_thread(backend.drop)
 
 
 async def stage(
