@@ -209,7 +209,9 @@ async def test_watchdog_pings_stop_when_workers_wedge(
 ) -> None:
     """While the delivery loop is stuck, the watchdog pings stop (so systemd restarts us)."""
     url = f"sqlite+aiosqlite:///{tmp_path / 'w.db'}"
-    monkeypatch.setattr(daemon, "WEDGED_AFTER", 0.5)
+    # Long enough that a stall of the machine between start-up and the first window does not
+    # already count as wedged (0.5 s did once, on a loaded CI machine).
+    monkeypatch.setattr(daemon, "WEDGED_AFTER", 2.0)
     settings = make_settings(url, store={"auto_migrate": True})
     client = await aiohttp_client(
         create_app(settings, store=StalledStore(url), adapter=RecordingErp())
@@ -219,7 +221,7 @@ async def test_watchdog_pings_stop_when_workers_wedge(
     try:
         early = list(await notify_socket.collect(0.3))
         notify_socket.messages.clear()
-        await notify_socket.collect(0.4)  # crossing WEDGED_AFTER
+        await notify_socket.collect(2.0)  # crossing WEDGED_AFTER
         notify_socket.messages.clear()
         late = await notify_socket.collect(0.6)
     finally:
