@@ -21,12 +21,28 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import make_url
 
-from syncd.store import NewMessage, SqlStore, _message_row, inbox, metadata
+from syncd.store import InboxState, NewMessage, SqlStore, inbox, metadata
+
+
+def _message_row(message: NewMessage) -> dict[str, Any]:
+    return {
+        "dedupe_key": message.dedupe_key,
+        "message_type": message.message_type,
+        "message_id": message.message_id,
+        "source": message.source,
+        "body": message.body,
+        "headers": message.headers,
+        "remote_addr": message.remote_addr,
+        "received_at": message.received_at,
+        "state": InboxState.PENDING.value,
+    }
+
 
 BODY = b'{"message_type":"orderEvent","data":[' + b" " * 1060 + b"]}"
 HEADERS = {"content-type": "application/json", "user-agent": "wrk"}

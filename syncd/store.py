@@ -1,9 +1,10 @@
 """The SQL event store: inbox of received messages, quarantine, schema management.
 
 ORM rows never leave this module: callers get frozen dataclasses built with ``from_row``.
-The schema, migrations and most statements are SQLAlchemy's; on PostgreSQL the hottest ones
-(group commit, delivery claim and completion) run as plain SQL on the pooled asyncpg
-connection, where SQLAlchemy's execution layer cost more than the statements themselves.
+The schema, migrations and most statements are SQLAlchemy's; the hottest ones (group commit,
+delivery claim and completion) run as plain SQL on the driver (the pooled asyncpg connection
+on PostgreSQL, the store thread's own sqlite3 connection on a SQLite file), where
+SQLAlchemy's execution layer cost more than the statements themselves.
 Every driver error is converted to :class:`~syncd.errors.StoreUnavailable` at this boundary,
 so the receiver can answer 503 and MasonHub retries instead of believing we stored it.
 """
@@ -14,6 +15,7 @@ import asyncio
 import contextlib
 import enum
 import functools
+import sqlite3
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -620,9 +622,19 @@ def _insert(dialect_name: str, table: sa.Table) -> Any:
     return sqlite_insert(table)
 
 
-_UNAVAILABLE: tuple[type[BaseException], ...] = (SQLAlchemyError, OSError, asyncio.TimeoutError)
+_UNAVAILABLE: tuple[type[BaseException], ...] = (
+    SQLAlchemyError,
+    sqlite3.Error,
+    OSError,
+    asyncio.TimeoutError,
+)
 #: Errors about the statement's values, not about reaching the database.
-_REJECTED: tuple[type[BaseException], ...] = (DataError, IntegrityError)
+_REJECTED: tuple[type[BaseException], ...] = (
+    DataError,
+    IntegrityError,
+    sqlite3.DataError,
+    sqlite3.IntegrityError,
+)
 
 
 @functools.cache
@@ -670,12 +682,8 @@ class SqlStore:
             if self._thread_engine is not None
             else None
         )
-        self._add_message = (
-            _insert(self.dialect, inbox)
-            .on_conflict_do_nothing(index_elements=["dedupe_key"])
-            .returning(inbox.c.dedupe_key)
-        )
-        self._delivery_sql = _DeliveryStatements.build()
+        #: The store thread's own sqlite3 connection, for the hot paths (see _transact_sql).
+        self._driver: PoolProxiedConnection | None = None
         self._merge_sql = _MergeStatements.build(self.dialect)
 
     @asynccontextmanager
@@ -696,13 +704,31 @@ class SqlStore:
         statement. Elsewhere (PostgreSQL, in-memory SQLite) it runs on the async engine.
         Either way it has committed when this returns.
         """
-        async with self._write_lock or contextlib.nullcontext():
-            with _store_errors():
-                if self._thread is None:
+        if self._thread is None:
+            async with self._write_lock or contextlib.nullcontext():
+                with _store_errors():
                     async with self.engine.begin() as conn:
                         return await conn.run_sync(body)
+        return await self._on_thread(self._in_thread, body)
+
+    async def _transact_sql(self, body: Callable[[_Sql], T]) -> T:
+        """SQLite: run ``body`` over plain SQL in one write transaction (see _transact).
+
+        On a file it runs on the store thread's own sqlite3 connection, with BEGIN IMMEDIATE
+        and COMMIT issued here: SQLAlchemy's connection, transaction and execution layers
+        cost several times what the driver does (bench/pipeline_cpu.py). On an in-memory
+        database the same SQL runs on the async engine, which owns that database.
+        """
+        if self._thread is None:
+            return await self._transact(lambda conn: body(_EngineSql(conn)))
+        return await self._on_thread(self._in_driver_thread, body)
+
+    async def _on_thread(self, run: Callable[[Callable[[Any], T]], T], body: Any) -> T:
+        async with self._write_lock or contextlib.nullcontext():
+            with _store_errors():
+                assert self._thread is not None
                 loop = asyncio.get_running_loop()
-                done = loop.run_in_executor(self._thread, self._in_thread, body)
+                done = loop.run_in_executor(self._thread, run, body)
                 try:
                     return await asyncio.shield(done)
                 except asyncio.CancelledError:
@@ -715,6 +741,36 @@ class SqlStore:
         assert self._thread_engine is not None
         with self._thread_engine.begin() as conn:
             return body(conn)
+
+    def _in_driver_thread(self, body: Callable[[_Sql], T]) -> T:
+        if self._driver is None:
+            assert self._thread_engine is not None
+            # A connection of the thread engine (so with its pragmas and busy timeout),
+            # taken out of the pool for good: only this thread uses it.
+            driver = self._thread_engine.raw_connection()
+            driver.detach()
+            self._driver = driver
+        conn = self._driver.dbapi_connection
+        assert isinstance(conn, sqlite3.Connection)
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            result = body(_DriverSql(conn))
+            conn.execute("COMMIT")
+        except BaseException:
+            try:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                # Neither committed nor rolled back: start afresh on a new connection.
+                self._close_driver()
+            raise
+        return result
+
+    def _close_driver(self) -> None:
+        driver, self._driver = self._driver, None
+        if driver is not None:
+            with contextlib.suppress(sqlite3.Error):
+                driver.close()
 
     @asynccontextmanager
     async def _asyncpg(self) -> AsyncIterator[asyncpg.Connection]:
@@ -769,15 +825,26 @@ class SqlStore:
                 )
             inserted = {r["dedupe_key"] for r in records}
         else:
-            rows = [_message_row(m) for m in unique]
+            rows = [
+                (
+                    m.dedupe_key,
+                    m.message_type,
+                    m.message_id,
+                    m.source,
+                    m.body,
+                    jsoncodec.dumps(m.headers),
+                    m.remote_addr,
+                    _sqlite_time(m.received_at),
+                    InboxState.PENDING.value,
+                )
+                for m in unique
+            ]
 
-            def insert(conn: Connection) -> set[str]:
-                # One constant statement, executed for many rows: SQLAlchemy caches its
-                # compilation and batches the rows itself ("insertmanyvalues"), where building
-                # .values(rows) anew for every commit recompiled it each time.
-                return set(conn.execute(self._add_message, rows).scalars())
+            def insert(sql: _Sql) -> set[str]:
+                # A row is new where the insert changed one (ON CONFLICT DO NOTHING).
+                return {row[0] for row in rows if sql.run(_SQLITE_ADD_MESSAGE, row)}
 
-            inserted = await self._transact(insert)
+            inserted = await self._transact_sql(insert)
         return [
             first[m.dedupe_key] == i and m.dedupe_key in inserted for i, m in enumerate(messages)
         ]
@@ -1105,16 +1172,40 @@ class SqlStore:
                 )
             # The engine's JSON codec is set on its asyncpg connections: state arrives decoded.
             return [_claimed(r, dict(r["state"])) for r in records]
-        sql = self._delivery_sql
+        lease = (owner, _sqlite_time(until), OutboxState.PENDING.value, _sqlite_time(now), limit)
 
-        def claim(conn: Connection) -> list[Any]:
-            ids = list(conn.execute(sql.claim_due, {"b_now": now, "b_limit": limit}).scalars())
+        def claim(sql: _Sql) -> list[tuple[Any, ...]]:
+            ids = [row[0] for row in sql.rows(_SQLITE_CLAIM, lease)]
             if not ids:
                 return []
-            conn.execute(sql.claim_lease, {"b_ids": ids, "b_owner": owner, "b_until": until})
-            return list(conn.execute(sql.claim_read, {"b_ids": ids}).all())
+            return sql.rows(_SQLITE_CLAIMED, (_id_list(ids),))
 
-        return [_claimed(r._mapping, dict(r.state)) for r in await self._transact(claim)]
+        return [
+            ClaimedDelivery(
+                outbox_id=outbox_id,
+                entity_id=entity_id,
+                entity_type=entity_type,
+                entity_key=entity_key,
+                state=jsoncodec.loads(state),
+                content_hash=content_hash,
+                revision=revision,
+                source=source,
+                attempts=attempts,
+                replay=replay,
+            )
+            for (
+                outbox_id,
+                attempts,
+                replay,
+                entity_id,
+                entity_type,
+                entity_key,
+                state,
+                content_hash,
+                revision,
+                source,
+            ) in await self._transact_sql(claim)
+        ]
 
     async def complete_delivery(
         self, claim: ClaimedDelivery, owner: str, *, started_at: datetime, status: int
@@ -1136,45 +1227,46 @@ class SqlStore:
 
     async def _complete_sqlite(self, done: Sequence[Completion], now: datetime) -> None:
         """complete_deliveries on SQLite, in one write transaction."""
-        sql = self._delivery_sql
+        at = _sqlite_time(now)
+        attempts = [
+            (
+                d.claim.entity_id,
+                _sqlite_time(d.started_at),
+                at,
+                "delivered",
+                d.status,
+                d.claim.idempotency_key,
+                d.claim.revision,
+                d.claim.content_hash,
+                d.claim.source,
+                bool(d.claim.replay),
+                d.owner,
+            )
+            for d in done
+        ]
+        delivered = [(d.claim.content_hash, d.claim.revision, at, d.claim.entity_id) for d in done]
+        outbox_ids = _id_list([d.claim.outbox_id for d in done])
 
-        def complete(conn: Connection) -> None:
-            conn.execute(
-                sql.insert_attempt,
-                [
-                    _attempt_row(d.claim, d.owner, d.started_at, now, "delivered", d.status, None)
-                    for d in done
-                ],
-            )
-            conn.execute(
-                sql.mark_delivered,
-                [
-                    {
-                        "b_id": d.claim.entity_id,
-                        "b_hash": d.claim.content_hash,
-                        "b_revision": d.claim.revision,
-                        "b_now": now,
-                    }
-                    for d in done
-                ],
-            )
-            outbox_ids = [d.claim.outbox_id for d in done]
-            current = {row.id: row for row in conn.execute(sql.outbox_now, {"b_ids": outbox_ids})}
+        def complete(sql: _Sql) -> None:
+            sql.run_many(_SQLITE_INSERT_ATTEMPT, attempts)
+            sql.run_many(_SQLITE_MARK_DELIVERED, delivered)
+            current = {row[0]: row for row in sql.rows(_SQLITE_OUTBOX_NOW, (outbox_ids,))}
             finished: list[int] = []
             changed: list[int] = []
             for d in done:
                 row = current.get(d.claim.outbox_id)
-                if row is None or row.lease_owner != d.owner:
+                if row is None or row[1] != d.owner:
                     continue
-                unchanged = row.revision == d.claim.revision and row.replay == d.claim.replay
+                _id, _owner, replay, revision = row
+                unchanged = revision == d.claim.revision and replay == d.claim.replay
                 (finished if unchanged else changed).append(d.claim.outbox_id)
             if finished:
-                conn.execute(sql.delete_outbox, {"b_ids": finished})
+                sql.run(_SQLITE_DELETE_OUTBOX, (_id_list(finished),))
             if changed:
                 # The entity moved on while its call was in flight: send the new state now.
-                conn.execute(sql.requeue_changed, {"b_ids": changed, "b_now": now})
+                sql.run(_SQLITE_REQUEUE_CHANGED, (at, at, _id_list(changed)))
 
-        await self._transact(complete)
+        await self._transact_sql(complete)
 
     async def _complete_postgresql(self, done: Sequence[Completion], now: datetime) -> None:
         """complete_deliveries on PostgreSQL: two statements over arrays, in one transaction.
@@ -1656,25 +1748,11 @@ class SqlStore:
         """Close every pooled connection."""
         await self.engine.dispose()
         if self._thread is not None and self._thread_engine is not None:
-            await asyncio.get_running_loop().run_in_executor(
-                self._thread, self._thread_engine.dispose
-            )
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(self._thread, self._close_driver)
+            await loop.run_in_executor(self._thread, self._thread_engine.dispose)
             self._thread.shutdown(wait=False)
             self._thread = None  # closing twice is harmless
-
-
-def _message_row(message: NewMessage) -> dict[str, Any]:
-    return {
-        "dedupe_key": message.dedupe_key,
-        "message_type": message.message_type,
-        "message_id": message.message_id,
-        "source": message.source,
-        "body": message.body,
-        "headers": message.headers,
-        "remote_addr": message.remote_addr,
-        "received_at": message.received_at,
-        "state": InboxState.PENDING.value,
-    }
 
 
 def _describe(exc: BaseException) -> str:
@@ -1697,82 +1775,6 @@ _ENTITY_SELECT = sa.select(
 
 
 _NOW = sa.bindparam("b_now", type_=UTCDateTime())
-
-
-@dataclass(frozen=True)
-class _DeliveryStatements:
-    """The delivery hot path's statements on SQLite, built once per store: building a
-    statement costs more Python time than executing it (SQLAlchemy caches the compiled form
-    by statement). PostgreSQL runs its own SQL on the driver (_PG_CLAIM and after)."""
-
-    claim_due: sa.Select[Any]
-    claim_lease: sa.Update
-    claim_read: sa.Select[Any]
-    insert_attempt: sa.Insert
-    mark_delivered: sa.Update
-    outbox_now: sa.Select[Any]
-    delete_outbox: sa.Delete
-    requeue_changed: sa.Update
-
-    @classmethod
-    def build(cls) -> _DeliveryStatements:
-        """The statements; ``b_ids`` takes a list of ids."""
-        ids: Any = sa.bindparam("b_ids", expanding=True)
-        lease = {
-            "lease_owner": sa.bindparam("b_owner"),
-            "lease_until": sa.bindparam("b_until", type_=UTCDateTime()),
-        }
-        return cls(
-            claim_due=sa.select(outbox.c.id)
-            .where(
-                outbox.c.state == OutboxState.PENDING.value,
-                outbox.c.next_attempt_at <= _NOW,
-                sa.or_(outbox.c.lease_until.is_(None), outbox.c.lease_until < _NOW),
-            )
-            .order_by(outbox.c.next_attempt_at, outbox.c.id)
-            .limit(sa.bindparam("b_limit", type_=sa.Integer)),
-            claim_lease=outbox.update().where(outbox.c.id.in_(ids)).values(**lease),
-            claim_read=sa.select(
-                outbox.c.id.label("outbox_id"),
-                outbox.c.attempts,
-                outbox.c.replay,
-                entities.c.id.label("entity_id"),
-                entities.c.entity_type,
-                entities.c.entity_key,
-                entities.c.state,
-                entities.c.content_hash,
-                entities.c.revision,
-                entities.c.source,
-            )
-            .join(entities, entities.c.id == outbox.c.entity_id)
-            .where(outbox.c.id.in_(ids))
-            .order_by(outbox.c.next_attempt_at, outbox.c.id),
-            insert_attempt=delivery_attempts.insert(),
-            mark_delivered=entities.update()
-            .where(entities.c.id == sa.bindparam("b_id"))
-            .values(
-                delivered_hash=sa.bindparam("b_hash"),
-                delivered_revision=sa.bindparam("b_revision"),
-                delivered_at=_NOW,
-            ),
-            outbox_now=sa.select(
-                outbox.c.id, outbox.c.lease_owner, outbox.c.replay, entities.c.revision
-            )
-            .join(entities, entities.c.id == outbox.c.entity_id)
-            .where(outbox.c.id.in_(ids)),
-            delete_outbox=outbox.delete().where(outbox.c.id.in_(ids)),
-            requeue_changed=outbox.update()
-            .where(outbox.c.id.in_(ids))
-            .values(
-                attempts=0,
-                next_attempt_at=_NOW,
-                lease_owner=None,
-                lease_until=None,
-                last_status=None,
-                last_error=None,
-                updated_at=_NOW,
-            ),
-        )
 
 
 @dataclass(frozen=True)
@@ -1918,6 +1920,123 @@ UPDATE outbox SET attempts = 0, next_attempt_at = $5, lease_owner = NULL, lease_
                   last_status = NULL, last_error = NULL, updated_at = $5
 WHERE id IN (SELECT id FROM current WHERE NOT unchanged)
 """
+
+
+# The hot paths on a SQLite file, as SQL for the stdlib driver (see SqlStore._transact_sql).
+# Lists of ids go in as one JSON array read with json_each, so each statement has one text
+# whatever the batch size, prepared once by the driver's statement cache. Timestamps are
+# text in the form SQLAlchemy writes for SQLite (_sqlite_time): they compare as text.
+
+#: One message of the group commit; it is new if the statement changed a row.
+_SQLITE_ADD_MESSAGE = """
+INSERT INTO inbox (dedupe_key, message_type, message_id, source, body, headers, remote_addr,
+                   received_at, state)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (dedupe_key) DO NOTHING
+"""
+
+#: Lease up to ?5 due rows (state ?3, due by ?4) to ?1 until ?2; returns their ids.
+_SQLITE_CLAIM = """
+UPDATE outbox SET lease_owner = ?1, lease_until = ?2
+WHERE id IN (
+    SELECT id FROM outbox
+    WHERE state = ?3 AND next_attempt_at <= ?4 AND (lease_until IS NULL OR lease_until < ?4)
+    ORDER BY next_attempt_at, id
+    LIMIT ?5
+)
+RETURNING id
+"""
+
+#: The claimed rows (a JSON array of outbox ids) with their entities' state, oldest due first.
+_SQLITE_CLAIMED = """
+SELECT o.id, o.attempts, o.replay, e.id, e.entity_type, e.entity_key, e.state,
+       e.content_hash, e.revision, e.source
+FROM outbox o JOIN entities e ON e.id = o.entity_id
+WHERE o.id IN (SELECT value FROM json_each(?))
+ORDER BY o.next_attempt_at, o.id
+"""
+
+_SQLITE_INSERT_ATTEMPT = """
+INSERT INTO delivery_attempts (entity_id, started_at, finished_at, outcome, status_code,
+                               idempotency_key, revision, content_hash, source, replay, worker)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+"""
+
+_SQLITE_MARK_DELIVERED = """
+UPDATE entities SET delivered_hash = ?, delivered_revision = ?, delivered_at = ? WHERE id = ?
+"""
+
+#: Each delivered row's lease holder and replay, with its entity's current revision.
+_SQLITE_OUTBOX_NOW = """
+SELECT o.id, o.lease_owner, o.replay, e.revision
+FROM outbox o JOIN entities e ON e.id = o.entity_id
+WHERE o.id IN (SELECT value FROM json_each(?))
+"""
+
+_SQLITE_DELETE_OUTBOX = "DELETE FROM outbox WHERE id IN (SELECT value FROM json_each(?))"
+
+_SQLITE_REQUEUE_CHANGED = """
+UPDATE outbox SET attempts = 0, next_attempt_at = ?, lease_owner = NULL, lease_until = NULL,
+                  last_status = NULL, last_error = NULL, updated_at = ?
+WHERE id IN (SELECT value FROM json_each(?))
+"""
+
+
+class _Sql(Protocol):
+    """Plain SQL with ``?`` parameters inside a write transaction on SQLite."""
+
+    def rows(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]: ...
+
+    def run(self, sql: str, params: Sequence[Any]) -> int:
+        """Execute once; the number of rows changed."""
+        ...
+
+    def run_many(self, sql: str, params: Sequence[Sequence[Any]]) -> None: ...
+
+
+class _DriverSql:
+    """_Sql on a sqlite3 connection (a SQLite file, in the store thread)."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+
+    def rows(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
+        return self._conn.execute(sql, params).fetchall()
+
+    def run(self, sql: str, params: Sequence[Any]) -> int:
+        return self._conn.execute(sql, params).rowcount
+
+    def run_many(self, sql: str, params: Sequence[Sequence[Any]]) -> None:
+        self._conn.executemany(sql, params)
+
+
+class _EngineSql:
+    """_Sql on a SQLAlchemy connection (an in-memory SQLite database, on the async engine)."""
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+
+    def rows(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
+        return [tuple(row) for row in self._conn.exec_driver_sql(sql, tuple(params))]
+
+    def run(self, sql: str, params: Sequence[Any]) -> int:
+        return self._conn.exec_driver_sql(sql, tuple(params)).rowcount
+
+    def run_many(self, sql: str, params: Sequence[Sequence[Any]]) -> None:
+        if params:
+            self._conn.exec_driver_sql(sql, [tuple(p) for p in params])
+
+
+def _sqlite_time(value: datetime) -> str:
+    """An aware datetime as SQLAlchemy stores it in SQLite: naive UTC text, microseconds."""
+    if value.tzinfo is None:
+        raise ValueError("naive datetime given to the store; use an aware UTC datetime")
+    return _naive(value).isoformat(" ", "microseconds")
+
+
+def _id_list(ids: Sequence[int]) -> str:
+    """Ids as a JSON array, for ``IN (SELECT value FROM json_each(?))``."""
+    return jsoncodec.dumps(list(ids))
 
 
 def _naive(value: datetime) -> datetime:

@@ -8,8 +8,9 @@ import sqlite3
 import subprocess
 import sys
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
@@ -355,6 +356,81 @@ async def test_sqlite_file_writes_run_whole_in_the_store_thread(tmp_path: Path) 
     finally:
         await on_file.close()
         await in_memory.close()
+
+
+@pytest.mark.parametrize("where", ["file", "memory"])
+async def test_sqlite_driver_writes_read_back_through_sqlalchemy(
+    tmp_path: Path, where: str
+) -> None:
+    """The group commit, claim and completion run as plain SQL on SQLite (on the store
+    thread's own connection for a file, on the async engine in memory). What they write reads
+    back through SQLAlchemy as it went in: timestamps from any zone and at whole seconds,
+    headers, the attempt record; and rows they write meet rows SQLAlchemy wrote (the
+    merge's outbox row) in the same timestamp comparisons."""
+    from syncd.facts import order_fact
+    from syncd.store import Completion, _sqlite_time
+
+    to_text = sa.DateTime().dialect_impl(sa.create_engine("sqlite://").dialect)
+    process = to_text.bind_processor(sa.create_engine("sqlite://").dialect)
+    assert process is not None
+    for instant in (datetime(2026, 12, 4, 23, 5, 0), datetime(2026, 12, 4, 23, 5, 0, 7)):
+        assert _sqlite_time(instant.replace(tzinfo=UTC)) == process(instant)
+    with pytest.raises(ValueError, match="naive"):
+        _sqlite_time(datetime(2026, 12, 4))
+
+    url = f"sqlite+aiosqlite:///{tmp_path / 'd.db'}" if where == "file" else None
+    store = SqlStore(url or "sqlite+aiosqlite:///:memory:")
+    try:
+        await store.migrate()
+        east = timezone(timedelta(hours=5))
+        received = datetime(2026, 12, 5, 4, 5, 6, tzinfo=east)
+        await store.add_messages([dataclasses.replace(message("t"), received_at=received)])
+        stored = await store.get_message_by_key("t")
+        assert stored is not None
+        assert (stored.received_at, stored.received_at.tzinfo) == (received, UTC)
+        assert stored.headers == {"content-type": "application/json"}
+
+        fact = order_fact({"customer_identifier": "O-9", "status": "fulfilled"}, "webhook")
+        await store.apply_facts([fact])
+        [claim] = await store.claim_deliveries("w1", 5, 30)
+        assert (claim.entity_key, claim.state["status"]) == ("O-9", "fulfilled")
+        assert await store.claim_deliveries("w2", 5, 30) == []  # leased to w1
+        started = datetime.now(UTC).replace(microsecond=0) - timedelta(seconds=1)
+        await store.complete_deliveries([Completion(claim, "w1", started, 204)])
+        [attempt] = await store.attempts_of(claim.entity_id)
+        assert (attempt.started_at, attempt.status_code, attempt.outcome, attempt.replay) == (
+            started,
+            204,
+            "delivered",
+            False,
+        )
+        entity = await store.get_entity("order", "O-9")
+        assert entity is not None
+        assert (entity.delivered_revision, entity.outbox_id) == (1, None)
+        assert entity.delivered_at is not None
+        assert started < entity.delivered_at <= datetime.now(UTC)
+    finally:
+        await store.close()
+
+
+async def test_sqlite_driver_transaction_rolls_back_and_carries_on(tmp_path: Path) -> None:
+    """A plain-SQL transaction that fails part-way leaves nothing behind, and the next one
+    on the same connection works."""
+    store = SqlStore(f"sqlite+aiosqlite:///{tmp_path / 'r.db'}")
+    try:
+        await store.migrate()
+        await store.add_messages([message("kept")])
+
+        def half_then_fail(sql: Any) -> None:
+            sql.run("DELETE FROM inbox", ())
+            raise sqlite3.IntegrityError("refused part-way")
+
+        with pytest.raises(StoreRejected, match="refused part-way"):
+            await store._transact_sql(half_then_fail)
+        assert [m.dedupe_key for m in await store.list_messages()] == ["kept"]
+        assert await store.add_messages([message("next"), message("kept")]) == [True, False]
+    finally:
+        await store.close()
 
 
 async def test_cancelled_write_keeps_the_lock_until_its_transaction_ended(
