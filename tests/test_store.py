@@ -389,6 +389,16 @@ async def test_sqlite_driver_writes_read_back_through_sqlalchemy(
         assert stored is not None
         assert (stored.received_at, stored.received_at.tzinfo) == (received, UTC)
         assert stored.headers == {"content-type": "application/json"}
+        if where == "file":
+            # The thread's own connection commits as durably as the engine's connections.
+            assert store._driver is not None
+            driver = store._driver.dbapi_connection
+            assert driver is not None
+            pragmas = [
+                driver.execute(f"PRAGMA {name}").fetchone()[0]
+                for name in ("journal_mode", "synchronous", "foreign_keys", "busy_timeout")
+            ]
+            assert pragmas == ["wal", 2, 1, 5000]
 
         fact = order_fact({"customer_identifier": "O-9", "status": "fulfilled"}, "webhook")
         await store.apply_facts([fact])
