@@ -22,7 +22,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy import event
@@ -414,7 +414,11 @@ class EntityRecord:
 
     @classmethod
     def from_row(cls, row: Any) -> EntityRecord:
-        m = row._mapping
+        return cls.from_mapping(row._mapping)
+
+    @classmethod
+    def from_mapping(cls, m: Mapping[str, Any]) -> EntityRecord:
+        """From columns named as in _ENTITY_SELECT, timestamps and state already decoded."""
         return _build(
             cls,
             m,
@@ -951,11 +955,16 @@ class SqlStore:
         loses nothing and repeats nothing. A message that cannot be normalised is marked
         failed with the reason. On PostgreSQL, SKIP LOCKED lets several instances drain at once.
         """
-        return await self._transact(lambda conn: self._process_inbox(conn, limit))
+        return await self._merge(lambda db: self._process_inbox(db, limit))
 
-    def _process_inbox(self, conn: Connection, limit: int) -> ProcessResult:
-        sql = self._merge_sql
-        rows = conn.execute(sql.pending_messages, {"b_limit": limit}).all()
+    async def _merge(self, body: Callable[[_MergeDb], T]) -> T:
+        """Run a merge transaction: plain SQL on SQLite (see _transact_sql), else SQLAlchemy."""
+        if self.dialect == "sqlite":
+            return await self._transact_sql(lambda sql: body(_SqliteMerge(sql)))
+        return await self._transact(lambda conn: body(_AlchemyMerge(conn, self._merge_sql)))
+
+    def _process_inbox(self, db: _MergeDb, limit: int) -> ProcessResult:
+        rows = db.pending_messages(limit)
         if not rows:
             return ProcessResult()
         items: list[tuple[int | None, Fact]] = []
@@ -978,16 +987,13 @@ class SqlStore:
                 # A record our normaliser did not foresee must not block the inbox
                 # forever: it is failed, visible in `syncd events`, and can be replayed.
                 failed[row.id] = f"cannot normalise: {type(exc).__name__}: {exc}"
-        decisions, queued = self._apply(conn, items, record=True)
+        decisions, queued = self._apply(db, items, record=True)
         now = datetime.now(UTC)
         done = [row.id for row in rows if row.id not in failed]
         if done:
-            conn.execute(sql.messages_done, {"b_ids": done, "b_now": now})
+            db.messages_done(done, now)
         if failed:
-            conn.execute(
-                sql.message_failed,
-                [{"b_id": i, "b_error": error, "b_now": now} for i, error in failed.items()],
-            )
+            db.messages_failed(failed, now)
         return ProcessResult(
             len(rows), len(items), len(failed), queued, tuple(decisions), tuple(snapshots)
         )
@@ -1001,15 +1007,16 @@ class SqlStore:
         that changed something (the corrections), so the facts table does not grow with
         every nightly pass.
         """
-        decisions, queued = await self._transact(
-            lambda conn: self._apply(
-                conn, [(None, f) for f in items], record=record, record_unchanged=record_unchanged
+        decisions, queued = await self._merge(
+            lambda db: self._apply(
+                db, [(None, f) for f in items], record=record, record_unchanged=record_unchanged
             )
         )
         return ProcessResult(0, len(items), 0, queued, tuple(decisions))
 
+    @staticmethod
     def _load_entities(
-        self, conn: Connection, keys: set[tuple[str, str]]
+        db: _MergeDb, keys: set[tuple[str, str]]
     ) -> dict[tuple[str, str], EntityRecord]:
         found: dict[tuple[str, str], EntityRecord] = {}
         by_type: dict[str, list[str]] = {}
@@ -1019,15 +1026,13 @@ class SqlStore:
         # use it for a row-value `(type, key) IN (...)`, which scanned the table per page.
         for entity_type, names in by_type.items():
             for start in range(0, len(names), INSERT_CHUNK):
-                chunk = {"b_type": entity_type, "b_keys": names[start : start + INSERT_CHUNK]}
-                for row in conn.execute(self._merge_sql.entities_by_key, chunk).all():
-                    record = EntityRecord.from_row(row)
+                for record in db.entities(entity_type, names[start : start + INSERT_CHUNK]):
                     found[(record.entity_type, record.entity_key)] = record
         return found
 
     def _apply(
         self,
-        conn: Connection,
+        db: _MergeDb,
         items: Sequence[tuple[int | None, Fact]],
         *,
         record: bool,
@@ -1040,7 +1045,7 @@ class SqlStore:
         executemany UPDATE, outbox rows and facts likewise. A batch touching thousands of
         entities costs a handful of round trips instead of several per fact.
         """
-        known = self._load_entities(conn, {(f.entity_type, f.entity_key) for _, f in items})
+        known = self._load_entities(db, {(f.entity_type, f.entity_key) for _, f in items})
         now = datetime.now(UTC)
         work: dict[tuple[str, str], _Pending] = {}
         decisions: list[Decision] = []
@@ -1056,41 +1061,38 @@ class SqlStore:
             if record and (record_unchanged or decision.outcome is Outcome.APPLIED):
                 work.setdefault(key, pending)
                 recorded.append((inbox_id, fact, decision))
-        ids = self._write_entities(conn, work, now)
-        queued = self._queue_all(conn, work, ids, now)
+        ids = self._write_entities(db, work, now)
+        queued = self._queue_all(db, work, ids, now)
         if recorded:
-            conn.execute(
-                self._merge_sql.insert_facts,
+            db.insert_facts(
                 [
                     _fact_row(inbox_id, ids[(f.entity_type, f.entity_key)], f, d, now)
                     for inbox_id, f, d in recorded
-                ],
+                ]
             )
         return decisions, queued
 
+    @staticmethod
     def _write_entities(
-        self, conn: Connection, work: Mapping[tuple[str, str], _Pending], now: datetime
+        db: _MergeDb, work: Mapping[tuple[str, str], _Pending], now: datetime
     ) -> dict[tuple[str, str], int]:
         """Insert new and update changed entities; the id of every entity in ``work``."""
         ids = {key: p.entity.id for key, p in work.items() if p.entity is not None}
         fresh = [p.row(key, now) for key, p in work.items() if p.entity is None and p.folded]
         if fresh:
-            for row in conn.execute(self._merge_sql.insert_entities, fresh).all():
-                ids[(row.entity_type, row.entity_key)] = row.id
-        changed = []
-        for key, p in work.items():
-            if p.entity is not None and p.folded:
-                values = p.row(key, now)
-                changed.append(
-                    {"b_id": p.entity.id, **{f"b_{c}": values[c] for c in _ENTITY_WRITE_COLUMNS}}
-                )
+            ids.update(db.insert_entities(fresh))
+        changed = [
+            {"id": p.entity.id, **p.row(key, now)}
+            for key, p in work.items()
+            if p.entity is not None and p.folded
+        ]
         if changed:
-            conn.execute(self._merge_sql.update_entities, changed)
+            db.update_entities(changed)
         return ids
 
+    @staticmethod
     def _queue_all(
-        self,
-        conn: Connection,
+        db: _MergeDb,
         work: Mapping[tuple[str, str], _Pending],
         ids: Mapping[tuple[str, str], int],
         now: datetime,
@@ -1101,11 +1103,12 @@ class SqlStore:
         when it claims the row, so changes while it waits coalesce into one call. A dead one
         gets a fresh set of attempts: the newer state may be what the ERP wanted.
         """
-        wanted, revive = [], []
+        wanted: list[dict[str, Any]] = []
+        revive: list[int] = []
         for key, p in work.items():
             if not p.applied or p.content_hash == p.delivered_hash:
                 continue
-            if p.outbox_state is OutboxState.DEAD:
+            if p.outbox_state is OutboxState.DEAD and p.outbox_id is not None:
                 revive.append(p.outbox_id)
                 continue
             wanted.append(
@@ -1124,9 +1127,9 @@ class SqlStore:
             # A pending row seen at load time may be gone: on PostgreSQL the outbox columns
             # are not re-read after waiting for the entity lock, and the completion that held
             # it deletes the row of the version it delivered. So insert unless a row is there.
-            inserted = len(conn.execute(self._merge_sql.queue_outbox, wanted).all())
+            inserted = db.queue_outbox(wanted)
         if revive:
-            conn.execute(self._merge_sql.revive_outbox, {"b_ids": revive, "b_now": now})
+            db.revive_outbox(revive, now)
         return inserted + len(revive)
 
     async def get_entity(self, entity_type: str, entity_key: str) -> EntityRecord | None:
@@ -1843,6 +1846,88 @@ class _MergeStatements:
         )
 
 
+class _PendingMessage(NamedTuple):
+    """An inbox message the merge takes up."""
+
+    id: int
+    message_type: str
+    body: bytes
+    source: str
+
+
+class _MergeDb(Protocol):
+    """The merge's reads and writes inside its transaction (see SqlStore._merge). Row
+    dicts are keyed by column name; ``id`` names the row an update is for."""
+
+    def pending_messages(self, limit: int) -> list[_PendingMessage]: ...
+
+    def entities(self, entity_type: str, keys: Sequence[str]) -> list[EntityRecord]: ...
+
+    def insert_entities(self, rows: Sequence[dict[str, Any]]) -> dict[tuple[str, str], int]:
+        """Insert new entities; the id of each by (entity_type, entity_key)."""
+        ...
+
+    def update_entities(self, rows: Sequence[dict[str, Any]]) -> None: ...
+
+    def queue_outbox(self, rows: Sequence[dict[str, Any]]) -> int:
+        """Insert outbox rows where the entity has none; how many were inserted."""
+        ...
+
+    def revive_outbox(self, ids: Sequence[int], now: datetime) -> None: ...
+
+    def insert_facts(self, rows: Sequence[dict[str, Any]]) -> None: ...
+
+    def messages_done(self, ids: Sequence[int], now: datetime) -> None: ...
+
+    def messages_failed(self, failed: Mapping[int, str], now: datetime) -> None: ...
+
+
+class _AlchemyMerge:
+    """_MergeDb with SQLAlchemy's statements (PostgreSQL)."""
+
+    def __init__(self, conn: Connection, statements: _MergeStatements) -> None:
+        self._conn = conn
+        self._sql = statements
+
+    def pending_messages(self, limit: int) -> list[_PendingMessage]:
+        rows = self._conn.execute(self._sql.pending_messages, {"b_limit": limit})
+        return [_PendingMessage(*row) for row in rows]
+
+    def entities(self, entity_type: str, keys: Sequence[str]) -> list[EntityRecord]:
+        chunk = {"b_type": entity_type, "b_keys": list(keys)}
+        return [
+            EntityRecord.from_row(r) for r in self._conn.execute(self._sql.entities_by_key, chunk)
+        ]
+
+    def insert_entities(self, rows: Sequence[dict[str, Any]]) -> dict[tuple[str, str], int]:
+        inserted = self._conn.execute(self._sql.insert_entities, list(rows))
+        return {(row.entity_type, row.entity_key): row.id for row in inserted}
+
+    def update_entities(self, rows: Sequence[dict[str, Any]]) -> None:
+        columns = ("id", *_ENTITY_WRITE_COLUMNS)
+        self._conn.execute(
+            self._sql.update_entities, [{f"b_{c}": row[c] for c in columns} for row in rows]
+        )
+
+    def queue_outbox(self, rows: Sequence[dict[str, Any]]) -> int:
+        return len(self._conn.execute(self._sql.queue_outbox, list(rows)).all())
+
+    def revive_outbox(self, ids: Sequence[int], now: datetime) -> None:
+        self._conn.execute(self._sql.revive_outbox, {"b_ids": list(ids), "b_now": now})
+
+    def insert_facts(self, rows: Sequence[dict[str, Any]]) -> None:
+        self._conn.execute(self._sql.insert_facts, list(rows))
+
+    def messages_done(self, ids: Sequence[int], now: datetime) -> None:
+        self._conn.execute(self._sql.messages_done, {"b_ids": list(ids), "b_now": now})
+
+    def messages_failed(self, failed: Mapping[int, str], now: datetime) -> None:
+        self._conn.execute(
+            self._sql.message_failed,
+            [{"b_id": i, "b_error": error, "b_now": now} for i, error in failed.items()],
+        )
+
+
 # The hot paths on PostgreSQL, as SQL for asyncpg (see SqlStore._asyncpg). Lists go
 # in as arrays, so each statement has one text whatever the batch size, prepared once per
 # connection. Timestamps are naive UTC, as UTCDateTime stores them.
@@ -2025,6 +2110,204 @@ class _EngineSql:
     def run_many(self, sql: str, params: Sequence[Sequence[Any]]) -> None:
         if params:
             self._conn.exec_driver_sql(sql, [tuple(p) for p in params])
+
+
+#: The merge on SQLite (see _SqliteMerge); entity reads carry their outbox row.
+_SQLITE_PENDING_MESSAGES = """
+SELECT id, message_type, body, source FROM inbox WHERE state = ? ORDER BY id LIMIT ?
+"""
+
+_SQLITE_ENTITIES = """
+SELECT e.id, e.entity_type, e.entity_key, e.state, e.content_hash, e.version_rank,
+       e.version_ts, e.source, e.revision, e.replays, e.updated_at, e.delivered_hash,
+       e.delivered_revision, e.delivered_at, o.id, o.state, o.attempts, o.next_attempt_at,
+       o.lease_until, o.last_status, o.last_error
+FROM entities e LEFT OUTER JOIN outbox o ON o.entity_id = e.id
+WHERE e.entity_type = ? AND e.entity_key IN (SELECT value FROM json_each(?))
+ORDER BY e.id
+"""
+
+_SQLITE_INSERT_ENTITY = """
+INSERT INTO entities (entity_type, entity_key, state, content_hash, version_rank, version_ts,
+                      source, revision, updated_at, replays)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+RETURNING id
+"""
+
+_SQLITE_UPDATE_ENTITY = """
+UPDATE entities SET state = ?, content_hash = ?, version_rank = ?, version_ts = ?, source = ?,
+                    revision = ?, updated_at = ?
+WHERE id = ?
+"""
+
+#: A pending row for an entity that has none (one row per entity).
+_SQLITE_QUEUE_OUTBOX = """
+INSERT INTO outbox (entity_id, state, attempts, next_attempt_at, replay, created_at,
+                    updated_at)
+VALUES (?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (entity_id) DO NOTHING
+"""
+
+_SQLITE_REVIVE_OUTBOX = """
+UPDATE outbox SET state = ?, attempts = 0, next_attempt_at = ?, lease_owner = NULL,
+                  lease_until = NULL, replay = 0, updated_at = ?
+WHERE id IN (SELECT value FROM json_each(?))
+"""
+
+_SQLITE_INSERT_FACT = """
+INSERT INTO facts (inbox_id, entity_id, source, outcome, reason, content_hash, version_rank,
+                   version_ts, created_at)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+"""
+
+_SQLITE_MESSAGES_DONE = """
+UPDATE inbox SET state = ?, processed_at = ? WHERE id IN (SELECT value FROM json_each(?))
+"""
+
+_SQLITE_MESSAGE_FAILED = "UPDATE inbox SET state = ?, error = ?, processed_at = ? WHERE id = ?"
+
+
+class _SqliteMerge:
+    """_MergeDb as plain SQL on SQLite (see SqlStore._transact_sql)."""
+
+    def __init__(self, sql: _Sql) -> None:
+        self._sql = sql
+
+    def pending_messages(self, limit: int) -> list[_PendingMessage]:
+        rows = self._sql.rows(_SQLITE_PENDING_MESSAGES, (InboxState.PENDING.value, limit))
+        return [_PendingMessage(*row) for row in rows]
+
+    def entities(self, entity_type: str, keys: Sequence[str]) -> list[EntityRecord]:
+        rows = self._sql.rows(_SQLITE_ENTITIES, (entity_type, jsoncodec.dumps(list(keys))))
+        return [_sqlite_entity(row) for row in rows]
+
+    def insert_entities(self, rows: Sequence[dict[str, Any]]) -> dict[tuple[str, str], int]:
+        ids = {}
+        for row in rows:
+            key = (row["entity_type"], row["entity_key"])
+            values = (*key, *_sqlite_entity_write(row), row["replays"])
+            [(entity_id,)] = self._sql.rows(_SQLITE_INSERT_ENTITY, values)
+            ids[key] = entity_id
+        return ids
+
+    def update_entities(self, rows: Sequence[dict[str, Any]]) -> None:
+        values = [(*_sqlite_entity_write(row), row["id"]) for row in rows]
+        self._sql.run_many(_SQLITE_UPDATE_ENTITY, values)
+
+    def queue_outbox(self, rows: Sequence[dict[str, Any]]) -> int:
+        return sum(
+            self._sql.run(
+                _SQLITE_QUEUE_OUTBOX,
+                (
+                    row["entity_id"],
+                    row["state"],
+                    row["attempts"],
+                    _sqlite_time(row["next_attempt_at"]),
+                    row["replay"],
+                    _sqlite_time(row["created_at"]),
+                    _sqlite_time(row["updated_at"]),
+                ),
+            )
+            for row in rows
+        )
+
+    def revive_outbox(self, ids: Sequence[int], now: datetime) -> None:
+        at = _sqlite_time(now)
+        self._sql.run(_SQLITE_REVIVE_OUTBOX, (OutboxState.PENDING.value, at, at, _id_list(ids)))
+
+    def insert_facts(self, rows: Sequence[dict[str, Any]]) -> None:
+        self._sql.run_many(
+            _SQLITE_INSERT_FACT,
+            [
+                (
+                    row["inbox_id"],
+                    row["entity_id"],
+                    row["source"],
+                    row["outcome"],
+                    row["reason"],
+                    row["content_hash"],
+                    row["version_rank"],
+                    _sqlite_time_or_none(row["version_ts"]),
+                    _sqlite_time(row["created_at"]),
+                )
+                for row in rows
+            ],
+        )
+
+    def messages_done(self, ids: Sequence[int], now: datetime) -> None:
+        done = (InboxState.DONE.value, _sqlite_time(now), _id_list(ids))
+        self._sql.run(_SQLITE_MESSAGES_DONE, done)
+
+    def messages_failed(self, failed: Mapping[int, str], now: datetime) -> None:
+        at = _sqlite_time(now)
+        self._sql.run_many(
+            _SQLITE_MESSAGE_FAILED,
+            [(InboxState.FAILED.value, error, at, i) for i, error in failed.items()],
+        )
+
+
+#: The columns of _SQLITE_ENTITIES by their names in _ENTITY_SELECT, and its timestamps.
+_SQLITE_ENTITY_COLUMNS = (
+    "id",
+    "entity_type",
+    "entity_key",
+    "state",
+    "content_hash",
+    "version_rank",
+    "version_ts",
+    "source",
+    "revision",
+    "replays",
+    "updated_at",
+    "delivered_hash",
+    "delivered_revision",
+    "delivered_at",
+    "outbox_id",
+    "outbox_state",
+    "attempts",
+    "next_attempt_at",
+    "lease_until",
+    "last_status",
+    "last_error",
+)
+_SQLITE_ENTITY_TIMES = (
+    "version_ts",
+    "updated_at",
+    "delivered_at",
+    "next_attempt_at",
+    "lease_until",
+)
+
+
+def _sqlite_entity(row: Sequence[Any]) -> EntityRecord:
+    """An EntityRecord from a _SQLITE_ENTITIES row."""
+    m = dict(zip(_SQLITE_ENTITY_COLUMNS, row, strict=True))
+    m["state"] = jsoncodec.loads(m["state"])
+    for name in _SQLITE_ENTITY_TIMES:
+        m[name] = _sqlite_parse_time(m[name])
+    return EntityRecord.from_mapping(m)
+
+
+def _sqlite_entity_write(row: Mapping[str, Any]) -> tuple[Any, ...]:
+    """An entities row's _ENTITY_WRITE_COLUMNS, in order, as SQLite parameters."""
+    return (
+        jsoncodec.dumps(row["state"]),
+        row["content_hash"],
+        row["version_rank"],
+        _sqlite_time_or_none(row["version_ts"]),
+        row["source"],
+        row["revision"],
+        _sqlite_time(row["updated_at"]),
+    )
+
+
+def _sqlite_time_or_none(value: datetime | None) -> str | None:
+    return None if value is None else _sqlite_time(value)
+
+
+def _sqlite_parse_time(text: str | None) -> datetime | None:
+    """A timestamp column's text as the aware UTC datetime UTCDateTime returns (or None)."""
+    return None if text is None else datetime.fromisoformat(text).replace(tzinfo=UTC)
 
 
 def _sqlite_time(value: datetime) -> str:

@@ -362,11 +362,10 @@ async def test_sqlite_file_writes_run_whole_in_the_store_thread(tmp_path: Path) 
 async def test_sqlite_driver_writes_read_back_through_sqlalchemy(
     tmp_path: Path, where: str
 ) -> None:
-    """The group commit, claim and completion run as plain SQL on SQLite (on the store
+    """The group commit, merge, claim and completion run as plain SQL on SQLite (on the store
     thread's own connection for a file, on the async engine in memory). What they write reads
     back through SQLAlchemy as it went in: timestamps from any zone and at whole seconds,
-    headers, the attempt record; and rows they write meet rows SQLAlchemy wrote (the
-    merge's outbox row) in the same timestamp comparisons."""
+    headers, entities with their outbox rows, the attempt record."""
     from syncd.facts import order_fact
     from syncd.store import Completion, _sqlite_time
 
@@ -402,7 +401,15 @@ async def test_sqlite_driver_writes_read_back_through_sqlalchemy(
 
         fact = order_fact({"customer_identifier": "O-9", "status": "fulfilled"}, "webhook")
         await store.apply_facts([fact])
+        # The merge reads entities with its own SQL; they match the SQLAlchemy read, with
+        # the outbox row pending and then leased.
+        merge_read = await store._merge(lambda db: db.entities("order", ["O-9", "O-none"]))
+        assert merge_read == [await store.get_entity("order", "O-9")]
         [claim] = await store.claim_deliveries("w1", 5, 30)
+        leased = await store.get_entity("order", "O-9")
+        assert leased is not None
+        assert leased.lease_until is not None
+        assert await store._merge(lambda db: db.entities("order", ["O-9"])) == [leased]
         assert (claim.entity_key, claim.state["status"]) == ("O-9", "fulfilled")
         assert await store.claim_deliveries("w2", 5, 30) == []  # leased to w1
         started = datetime.now(UTC).replace(microsecond=0) - timedelta(seconds=1)
