@@ -667,6 +667,28 @@ def _store_errors(
         raise StoreUnavailable(f"event store unavailable: {_describe(exc)}") from exc
 
 
+#: The oldest SQLite whose SQL the store uses throughout: RETURNING came in 3.35.
+SQLITE_MINIMUM = (3, 35, 0)
+
+
+def sqlite_library_problem(
+    version: tuple[int, int, int] = sqlite3.sqlite_version_info,
+) -> str | None:
+    """Why the SQLite library Python links cannot hold syncd's store, or None.
+
+    Said once at start-up, instead of every transaction failing with a syntax error.
+    """
+    if version < SQLITE_MINIMUM:
+        shown = ".".join(map(str, version))
+        return f"SQLite {shown} is too old for the event store: syncd needs 3.35 or later"
+    try:
+        with contextlib.closing(sqlite3.connect(":memory:")) as probe:
+            probe.execute("SELECT value FROM json_each('[1]')").fetchall()
+    except sqlite3.OperationalError:
+        return f"SQLite {sqlite3.sqlite_version} lacks the JSON functions the event store uses"
+    return None
+
+
 #: Execution option marking a connection that only reads.
 READ_ONLY = "syncd_read_only"
 
@@ -678,6 +700,9 @@ class SqlStore:
         self.url = url
         self.engine = create_engine(url)
         self.dialect = self.engine.dialect.name
+        problem = sqlite_library_problem() if self.dialect == "sqlite" else None
+        if problem is not None:
+            raise StoreUnavailable(problem)
         self._write_lock = asyncio.Lock() if self.dialect == "sqlite" else None
         #: SQLite file: the hot write transactions run whole in one thread of their own.
         self._thread_engine = _sqlite_thread_engine(url)

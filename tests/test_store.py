@@ -430,6 +430,21 @@ async def test_sqlite_driver_writes_read_back_through_sqlalchemy(
         await store.close()
 
 
+def test_sqlite_older_than_3_35_is_refused_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store's SQL needs RETURNING (SQLite 3.35) and json_each: an older library is
+    named when the store is opened, not found out by every transaction."""
+    from syncd import store as store_module
+
+    assert store_module.sqlite_library_problem() is None  # the library these tests run on
+    problem = store_module.sqlite_library_problem((3, 34, 1))
+    assert problem == "SQLite 3.34.1 is too old for the event store: syncd needs 3.35 or later"
+    monkeypatch.setattr(store_module, "sqlite_library_problem", lambda: problem)
+    with pytest.raises(StoreUnavailable, match=r"^SQLite 3\.34\.1 is too old"):
+        SqlStore(f"sqlite+aiosqlite:///{tmp_path / 'old.db'}")
+
+
 async def test_sqlite_driver_transaction_rolls_back_and_carries_on(tmp_path: Path) -> None:
     """A plain-SQL transaction that fails part-way leaves nothing behind, and the next one
     on the same connection works."""
