@@ -1202,38 +1202,13 @@ class SqlStore:
             return [_claimed(r, dict(r["state"])) for r in records]
         lease = (owner, _sqlite_time(until), OutboxState.PENDING.value, _sqlite_time(now), limit)
 
-        def claim(sql: _Sql) -> list[tuple[Any, ...]]:
+        def claim(sql: _Sql) -> list[dict[str, Any]]:
             ids = [row[0] for row in sql.rows(_SQLITE_CLAIM, lease)]
             if not ids:
                 return []
-            return sql.rows(_SQLITE_CLAIMED, (_id_list(ids),))
+            return sql.mappings(_SQLITE_CLAIMED, (_id_list(ids),))
 
-        return [
-            ClaimedDelivery(
-                outbox_id=outbox_id,
-                entity_id=entity_id,
-                entity_type=entity_type,
-                entity_key=entity_key,
-                state=jsoncodec.loads(state),
-                content_hash=content_hash,
-                revision=revision,
-                source=source,
-                attempts=attempts,
-                replay=replay,
-            )
-            for (
-                outbox_id,
-                attempts,
-                replay,
-                entity_id,
-                entity_type,
-                entity_key,
-                state,
-                content_hash,
-                revision,
-                source,
-            ) in await self._transact_sql(claim)
-        ]
+        return [_claimed(m, jsoncodec.loads(m["state"])) for m in await self._transact_sql(claim)]
 
     async def complete_delivery(
         self, claim: ClaimedDelivery, owner: str, *, started_at: datetime, status: int
@@ -1278,15 +1253,14 @@ class SqlStore:
         def complete(sql: _Sql) -> None:
             sql.run_many(_SQLITE_INSERT_ATTEMPT, attempts)
             sql.run_many(_SQLITE_MARK_DELIVERED, delivered)
-            current = {row[0]: row for row in sql.rows(_SQLITE_OUTBOX_NOW, (outbox_ids,))}
+            current = {row["id"]: row for row in sql.mappings(_SQLITE_OUTBOX_NOW, (outbox_ids,))}
             finished: list[int] = []
             changed: list[int] = []
             for d in done:
                 row = current.get(d.claim.outbox_id)
-                if row is None or row[1] != d.owner:
+                if row is None or row["lease_owner"] != d.owner:
                     continue
-                _id, _owner, replay, revision = row
-                unchanged = revision == d.claim.revision and replay == d.claim.replay
+                unchanged = row["revision"] == d.claim.revision and row["replay"] == d.claim.replay
                 (finished if unchanged else changed).append(d.claim.outbox_id)
             if finished:
                 sql.run(_SQLITE_DELETE_OUTBOX, (_id_list(finished),))
@@ -2059,8 +2033,9 @@ RETURNING id
 
 #: The claimed rows (a JSON array of outbox ids) with their entities' state, oldest due first.
 _SQLITE_CLAIMED = """
-SELECT o.id, o.attempts, o.replay, e.id, e.entity_type, e.entity_key, e.state,
-       e.content_hash, e.revision, e.source
+SELECT o.id AS outbox_id, o.attempts AS attempts, o.replay AS replay, e.id AS entity_id,
+       e.entity_type AS entity_type, e.entity_key AS entity_key, e.state AS state,
+       e.content_hash AS content_hash, e.revision AS revision, e.source AS source
 FROM outbox o JOIN entities e ON e.id = o.entity_id
 WHERE o.id IN (SELECT value FROM json_each(?))
 ORDER BY o.next_attempt_at, o.id
@@ -2078,7 +2053,7 @@ UPDATE entities SET delivered_hash = ?, delivered_revision = ?, delivered_at = ?
 
 #: Each delivered row's lease holder and replay, with its entity's current revision.
 _SQLITE_OUTBOX_NOW = """
-SELECT o.id, o.lease_owner, o.replay, e.revision
+SELECT o.id AS id, o.lease_owner AS lease_owner, o.replay AS replay, e.revision AS revision
 FROM outbox o JOIN entities e ON e.id = o.entity_id
 WHERE o.id IN (SELECT value FROM json_each(?))
 """
@@ -2097,6 +2072,10 @@ class _Sql(Protocol):
 
     def rows(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]: ...
 
+    def mappings(self, sql: str, params: Sequence[Any]) -> list[dict[str, Any]]:
+        """The rows keyed by the names the statement gives its columns."""
+        ...
+
     def run(self, sql: str, params: Sequence[Any]) -> int:
         """Execute once; the number of rows changed."""
         ...
@@ -2112,6 +2091,11 @@ class _DriverSql:
 
     def rows(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
         return self._conn.execute(sql, params).fetchall()
+
+    def mappings(self, sql: str, params: Sequence[Any]) -> list[dict[str, Any]]:
+        cursor = self._conn.execute(sql, params)
+        names = [column[0] for column in cursor.description]
+        return [dict(zip(names, row, strict=True)) for row in cursor]
 
     def run(self, sql: str, params: Sequence[Any]) -> int:
         return self._conn.execute(sql, params).rowcount
@@ -2129,6 +2113,9 @@ class _EngineSql:
     def rows(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
         return [tuple(row) for row in self._conn.exec_driver_sql(sql, tuple(params))]
 
+    def mappings(self, sql: str, params: Sequence[Any]) -> list[dict[str, Any]]:
+        return [dict(m) for m in self._conn.exec_driver_sql(sql, tuple(params)).mappings()]
+
     def run(self, sql: str, params: Sequence[Any]) -> int:
         return self._conn.exec_driver_sql(sql, tuple(params)).rowcount
 
@@ -2137,16 +2124,21 @@ class _EngineSql:
             self._conn.exec_driver_sql(sql, [tuple(p) for p in params])
 
 
-#: The merge on SQLite (see _SqliteMerge); entity reads carry their outbox row.
+#: The merge on SQLite (see _SqliteMerge); entity reads carry their outbox row, with the
+#: column names of _ENTITY_SELECT.
 _SQLITE_PENDING_MESSAGES = """
 SELECT id, message_type, body, source FROM inbox WHERE state = ? ORDER BY id LIMIT ?
 """
 
 _SQLITE_ENTITIES = """
-SELECT e.id, e.entity_type, e.entity_key, e.state, e.content_hash, e.version_rank,
-       e.version_ts, e.source, e.revision, e.replays, e.updated_at, e.delivered_hash,
-       e.delivered_revision, e.delivered_at, o.id, o.state, o.attempts, o.next_attempt_at,
-       o.lease_until, o.last_status, o.last_error
+SELECT e.id AS id, e.entity_type AS entity_type, e.entity_key AS entity_key,
+       e.state AS state, e.content_hash AS content_hash, e.version_rank AS version_rank,
+       e.version_ts AS version_ts, e.source AS source, e.revision AS revision,
+       e.replays AS replays, e.updated_at AS updated_at, e.delivered_hash AS delivered_hash,
+       e.delivered_revision AS delivered_revision, e.delivered_at AS delivered_at,
+       o.id AS outbox_id, o.state AS outbox_state, o.attempts AS attempts,
+       o.next_attempt_at AS next_attempt_at, o.lease_until AS lease_until,
+       o.last_status AS last_status, o.last_error AS last_error
 FROM entities e LEFT OUTER JOIN outbox o ON o.entity_id = e.id
 WHERE e.entity_type = ? AND e.entity_key IN (SELECT value FROM json_each(?))
 ORDER BY e.id
@@ -2203,7 +2195,7 @@ class _SqliteMerge:
         return [_PendingMessage(*row) for row in rows]
 
     def entities(self, entity_type: str, keys: Sequence[str]) -> list[EntityRecord]:
-        rows = self._sql.rows(_SQLITE_ENTITIES, (entity_type, jsoncodec.dumps(list(keys))))
+        rows = self._sql.mappings(_SQLITE_ENTITIES, (entity_type, jsoncodec.dumps(list(keys))))
         return [_sqlite_entity(row) for row in rows]
 
     def insert_entities(self, rows: Sequence[dict[str, Any]]) -> dict[tuple[str, str], int]:
@@ -2271,30 +2263,7 @@ class _SqliteMerge:
         )
 
 
-#: The columns of _SQLITE_ENTITIES by their names in _ENTITY_SELECT, and its timestamps.
-_SQLITE_ENTITY_COLUMNS = (
-    "id",
-    "entity_type",
-    "entity_key",
-    "state",
-    "content_hash",
-    "version_rank",
-    "version_ts",
-    "source",
-    "revision",
-    "replays",
-    "updated_at",
-    "delivered_hash",
-    "delivered_revision",
-    "delivered_at",
-    "outbox_id",
-    "outbox_state",
-    "attempts",
-    "next_attempt_at",
-    "lease_until",
-    "last_status",
-    "last_error",
-)
+#: The timestamp columns of _SQLITE_ENTITIES.
 _SQLITE_ENTITY_TIMES = (
     "version_ts",
     "updated_at",
@@ -2304,9 +2273,8 @@ _SQLITE_ENTITY_TIMES = (
 )
 
 
-def _sqlite_entity(row: Sequence[Any]) -> EntityRecord:
-    """An EntityRecord from a _SQLITE_ENTITIES row."""
-    m = dict(zip(_SQLITE_ENTITY_COLUMNS, row, strict=True))
+def _sqlite_entity(m: dict[str, Any]) -> EntityRecord:
+    """An EntityRecord from a _SQLITE_ENTITIES row (as a mapping, decoded in place)."""
     m["state"] = jsoncodec.loads(m["state"])
     for name in _SQLITE_ENTITY_TIMES:
         m[name] = _sqlite_parse_time(m[name])
@@ -2353,7 +2321,7 @@ def _naive(value: datetime) -> datetime:
 
 
 def _claimed(row: Any, state: dict[str, Any]) -> ClaimedDelivery:
-    """A claimed row (SQLAlchemy Row or asyncpg Record) with its decoded entity state."""
+    """A claimed row (asyncpg Record or a mapping) with its decoded entity state."""
     return ClaimedDelivery(
         outbox_id=row["outbox_id"],
         entity_id=row["entity_id"],
