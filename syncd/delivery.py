@@ -2,11 +2,15 @@
 
 A dispatcher keeps up to ``erp.concurrency`` deliveries in flight. It claims due rows as
 soon as it is told there is work (no polling sleep on the hot path), and otherwise sleeps
-until the earliest scheduled retry. Transient failures are retried with exponential backoff
-and jitter (``Retry-After`` wins when the ERP sends one), the next attempt time stored so a
-restart keeps the schedule; permanent ones, and the last allowed attempt, are dead-lettered.
-After a call the ERP may still be applying (a timeout, say) the next one waits at least
-``erp.timeout``, so a late old state cannot overwrite a newer one.
+until the earliest scheduled retry. A claim that came back short saw every due row, so the
+next claim waits until work is announced: new rows, a row its completion put back because
+the entity changed in flight, a failure recorded, or the idle poll.
+
+Transient failures are retried with exponential backoff and jitter (``Retry-After`` wins
+when the ERP sends one), the next attempt time stored so a restart keeps the schedule;
+permanent ones, and the last allowed attempt, are dead-lettered. After a call the ERP may
+still be applying (a timeout, say) the next one waits at least ``erp.timeout``, so a late
+old state cannot overwrite a newer one.
 """
 
 from __future__ import annotations
@@ -86,20 +90,34 @@ class Deliverer:
         self.owner = owner or f"{socket.gethostname()}:{uuid.uuid4().hex[:8]}"
         self._rng = rng or random.Random()  # noqa: S311 (jitter, not security)
         self._lease = 2 * settings.timeout + LEASE_MARGIN
-        self._completions: Batcher[Completion, None] = Batcher(
+        #: Each completion's result: True if its row is due again (the entity changed).
+        self._completions: Batcher[Completion, bool] = Batcher(
             store.complete_deliveries, name="syncd.delivery.completions"
         )
         self._wake = asyncio.Event()
+        #: Counts announcements that rows may be due now (see _announce).
+        self._announced = 0
+        #: ``_announced`` as it was when the last claim that came back short began; None
+        #: when the next round must claim (at start, after a full or failed claim).
+        self._looked: int | None = None
+        #: Loop time by which to claim even if nothing is announced: a scheduled retry, or
+        #: the idle poll for rows that other processes queued or left behind.
+        self._claim_by = 0.0
         self._stopping = False
         self._in_flight: set[asyncio.Task[None]] = set()
         #: Outcomes of answered calls waiting for their shared transaction (see _deliver).
-        self._recording: set[asyncio.Future[None]] = set()
+        self._recording: set[asyncio.Future[bool]] = set()
         self.task: asyncio.Task[None] | None = None
         #: Monotonic time of the dispatcher's last loop: the watchdog's sign of life.
         self.last_tick = 0.0
 
     def notify(self) -> None:
         """New work was queued: claim it now."""
+        self._announce()
+
+    def _announce(self) -> None:
+        """Rows may be due now that the last claim did not see: claim on the next round."""
+        self._announced += 1
         self._wake.set()
 
     async def start(self) -> None:
@@ -141,7 +159,17 @@ class Deliverer:
             self.last_tick = loop.time()
             self._wake.clear()
             free = self._settings.concurrency - len(self._in_flight)
-            if 0 < free < self._settings.concurrency / 2:
+            if free <= 0:
+                await self._sleep(IDLE_POLL)  # every worker busy: a finished one wakes us
+                continue
+            if self._looked == self._announced and loop.time() < self._claim_by:
+                # The last claim came back short and nothing was announced since, so a claim
+                # now would find nothing: at light load that was two empty write
+                # transactions per delivery (after its call, and after its completion).
+                linger_until = None
+                await self._sleep(self._claim_by - loop.time())
+                continue
+            if free < self._settings.concurrency / 2:
                 # Most workers are busy: let a few more finish first (CLAIM_LINGER).
                 if linger_until is None:
                     linger_until = loop.time() + CLAIM_LINGER
@@ -149,32 +177,32 @@ class Deliverer:
                     await self._sleep(linger_until - loop.time())
                     continue
             linger_until = None
-            claimed: list[ClaimedDelivery] = []
-            if free > 0:
-                try:
-                    claimed = await self._store.claim_deliveries(self.owner, free, self._lease)
-                except StoreUnavailable as exc:
-                    log.warning("delivery.store_unavailable", error=exc.message)
+            seen = self._announced
+            try:
+                claimed = await self._store.claim_deliveries(self.owner, free, self._lease)
+            except StoreUnavailable as exc:
+                log.warning("delivery.store_unavailable", error=exc.message)
+                self._looked = None
+                await self._sleep(IDLE_POLL)
+                continue
             for claim in claimed:
                 task = asyncio.create_task(
                     self._deliver(claim), name=f"syncd.deliver.{claim.outbox_id}"
                 )
                 self._in_flight.add(task)
                 task.add_done_callback(self._finished)
-            if claimed and len(claimed) == free:
+            if len(claimed) == free:
+                self._looked = None  # there may be more
                 continue
-            if free <= 0:
-                await self._sleep(IDLE_POLL)  # every worker busy: a finished one wakes us
-                continue
-            await self._sleep(await self._idle_time(bool(claimed)))
+            self._looked = seen
+            self._claim_by = loop.time() + (IDLE_POLL if claimed else await self._idle_time())
+            await self._sleep(self._claim_by - loop.time())
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         self._in_flight.discard(task)
-        self._wake.set()  # a slot is free, and the entity may have changed meanwhile
+        self._wake.set()  # a slot is free
 
-    async def _idle_time(self, claimed_some: bool) -> float:
-        if claimed_some:
-            return IDLE_POLL
+    async def _idle_time(self) -> float:
         try:
             due = await self._store.next_due_at()
         except StoreUnavailable:
@@ -227,12 +255,13 @@ class Deliverer:
         self._recording.add(recorded)
         recorded.add_done_callback(functools.partial(self._recorded, claim))
 
-    def _recorded(self, claim: ClaimedDelivery, recorded: asyncio.Future[None]) -> None:
+    def _recorded(self, claim: ClaimedDelivery, recorded: asyncio.Future[bool]) -> None:
         self._recording.discard(recorded)
         error = None if recorded.cancelled() else recorded.exception()
         if isinstance(error, StoreUnavailable):
             self._record_failed(claim, error)
-        self._wake.set()  # the row may be due again (its entity changed while in flight)
+        elif error is None and not recorded.cancelled() and recorded.result():
+            self._announce()  # the entity changed while in flight: its row is due again
 
     def verdict(self, claim: ClaimedDelivery, exc: DeliveryError) -> Verdict:
         """Retry time for a failure, or dead-letter (retry_at None)."""
@@ -288,6 +317,9 @@ class Deliverer:
             ),
             claim,
         )
+        # The row has a retry time now (or is due at once, if its entity moved on): a claim
+        # that comes back empty reads when the next row is due.
+        self._announce()
 
     async def _record(self, write: Awaitable[None], claim: ClaimedDelivery) -> None:
         try:

@@ -1216,19 +1216,21 @@ class SqlStore:
         """Record a delivered version; the row is done unless the entity changed meanwhile."""
         await self.complete_deliveries([Completion(claim, owner, started_at, status)])
 
-    async def complete_deliveries(self, done: Sequence[Completion]) -> list[None]:
+    async def complete_deliveries(self, done: Sequence[Completion]) -> list[bool]:
         """Record many delivered versions in one transaction (see complete_delivery).
 
-        A row whose lease another worker holds now (ours expired) is left to that worker.
+        True for each row queued again because its entity changed while the call was in
+        flight: that row is due now. A row whose lease another worker holds now (ours
+        expired) is left to that worker.
         """
         now = datetime.now(UTC)
         if self.dialect == "postgresql":
-            await self._complete_postgresql(done, now)
+            requeued = await self._complete_postgresql(done, now)
         else:
-            await self._complete_sqlite(done, now)
-        return [None] * len(done)
+            requeued = await self._complete_sqlite(done, now)
+        return [d.claim.outbox_id in requeued for d in done]
 
-    async def _complete_sqlite(self, done: Sequence[Completion], now: datetime) -> None:
+    async def _complete_sqlite(self, done: Sequence[Completion], now: datetime) -> set[int]:
         """complete_deliveries on SQLite, in one write transaction."""
         at = _sqlite_time(now)
         attempts = [
@@ -1250,7 +1252,7 @@ class SqlStore:
         delivered = [(d.claim.content_hash, d.claim.revision, at, d.claim.entity_id) for d in done]
         outbox_ids = _id_list([d.claim.outbox_id for d in done])
 
-        def complete(sql: _Sql) -> None:
+        def complete(sql: _Sql) -> set[int]:
             sql.run_many(_SQLITE_INSERT_ATTEMPT, attempts)
             sql.run_many(_SQLITE_MARK_DELIVERED, delivered)
             current = {row["id"]: row for row in sql.mappings(_SQLITE_OUTBOX_NOW, (outbox_ids,))}
@@ -1267,16 +1269,18 @@ class SqlStore:
             if changed:
                 # The entity moved on while its call was in flight: send the new state now.
                 sql.run(_SQLITE_REQUEUE_CHANGED, (at, at, _id_list(changed)))
+            return set(changed)
 
-        await self._transact_sql(complete)
+        return await self._transact_sql(complete)
 
-    async def _complete_postgresql(self, done: Sequence[Completion], now: datetime) -> None:
+    async def _complete_postgresql(self, done: Sequence[Completion], now: datetime) -> set[int]:
         """complete_deliveries on PostgreSQL: two statements over arrays, in one transaction.
 
         The first records the attempts and marks the entities delivered, which locks them: a
         merge changing one of them now waits for this transaction. The second then reads each
         entity's current revision (a new snapshot, after those locks) and deletes the rows
-        delivered as they are, or requeues those whose entity moved on while in flight.
+        delivered as they are, or requeues those whose entity moved on while in flight, and
+        returns the requeued rows' ids.
         """
         claims = [d.claim for d in done]
         at = _naive(now)
@@ -1295,7 +1299,7 @@ class SqlStore:
                 at,
                 "delivered",
             )
-            await pg.execute(
+            requeued = await pg.fetch(
                 _PG_SETTLE_DELIVERED,
                 [c.outbox_id for c in claims],
                 [d.owner for d in done],
@@ -1303,6 +1307,7 @@ class SqlStore:
                 [c.replay for c in claims],
                 at,
             )
+        return {r["id"] for r in requeued}
 
     async def fail_delivery(
         self,
@@ -2003,6 +2008,7 @@ WITH current AS (
 UPDATE outbox SET attempts = 0, next_attempt_at = $5, lease_owner = NULL, lease_until = NULL,
                   last_status = NULL, last_error = NULL, updated_at = $5
 WHERE id IN (SELECT id FROM current WHERE NOT unchanged)
+RETURNING id
 """
 
 

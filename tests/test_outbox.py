@@ -273,7 +273,9 @@ async def test_completions_recorded_together(store: SqlStore) -> None:
     now = datetime.now(UTC)
     done = [Completion(c, "w", now, 200) for c in claims]
     done[2] = Completion(claims[2], "someone-else", now, 200)
-    assert await store.complete_deliveries(done) == [None, None, None]
+    # Only the changed row, B-1, is due again; the one held elsewhere is that worker's.
+    assert [c.entity_key for c in claims] == ["B-0", "B-1", "B-2"]
+    assert await store.complete_deliveries(done) == [False, True, False]
     [again] = await store.claim_deliveries("w", 5, 30)
     assert (again.entity_key, again.revision) == ("B-1", 2)
     assert await store.outbox_counts() == {"pending": 2}

@@ -14,6 +14,7 @@ import syncd.delivery
 from syncd.config import ErpSettings
 from syncd.delivery import Deliverer
 from syncd.erp import Delivery, DeliveryResult
+from syncd.errors import TransientDeliveryError
 from syncd.merge import Merger
 from syncd.store import ClaimedDelivery, ProcessResult
 
@@ -73,8 +74,8 @@ class Outbox:
         self._next += limit
         return [claim(self._next - i) for i in range(limit)]
 
-    async def complete_deliveries(self, done: Any) -> list[None]:
-        return [None] * len(done)
+    async def complete_deliveries(self, done: Any) -> list[bool]:
+        return [False] * len(done)
 
     async def next_due_at(self) -> datetime | None:
         return datetime.now(UTC)
@@ -157,9 +158,9 @@ class SlowCompletions(Outbox):
         super().__init__()
         self.committed = asyncio.Event()
 
-    async def complete_deliveries(self, done: Any) -> list[None]:
+    async def complete_deliveries(self, done: Any) -> list[bool]:
         await self.committed.wait()
-        return [None] * len(done)
+        return [False] * len(done)
 
 
 class CountingErp:
@@ -191,3 +192,154 @@ async def test_a_slot_is_free_once_the_erp_answers_not_once_the_outcome_commits(
         assert not stopping.done(), "stop() must wait for the outcomes to be recorded"
         store.committed.set()
         await stopping
+
+
+class ScarceOutbox:
+    """An outbox holding only the rows a test puts in; it records every claim's result.
+
+    ``requeue`` names rows whose entity changes while their call is in flight: their
+    completion puts them back, due at once. A claim reads the due rows, then waits while
+    ``claims_open`` is clear before it answers.
+    """
+
+    def __init__(self) -> None:
+        self.due: list[int] = []
+        self.claims: list[list[int]] = []
+        self.requeue: set[int] = set()
+        self.completed: list[int] = []
+        self.due_reads = 0
+        self.claims_open = asyncio.Event()
+        self.claims_open.set()
+
+    async def claim_deliveries(self, owner: str, limit: int, lease: float) -> list[Any]:
+        taken, self.due = self.due[:limit], self.due[limit:]
+        await self.claims_open.wait()  # what it answers was read before this wait
+        self.claims.append(taken)
+        return [claim(n) for n in taken]
+
+    async def complete_deliveries(self, done: Any) -> list[bool]:
+        ids = [d.claim.outbox_id for d in done]
+        self.completed += ids
+        again = [n in self.requeue for n in ids]
+        self.due += [n for n in ids if n in self.requeue]
+        self.requeue -= set(ids)
+        return again
+
+    async def next_due_at(self) -> datetime | None:
+        self.due_reads += 1
+        return None
+
+    async def release_leases(self, owner: str, *, due_at: datetime | None = None) -> int:
+        return 0
+
+
+async def delivering(store: ScarceOutbox, concurrency: int = 4) -> tuple[Deliverer, CountingErp]:
+    erp = CountingErp()
+    deliverer = Deliverer(store, erp, ErpSettings(concurrency=concurrency))  # type: ignore[arg-type]
+    await deliverer.start()
+    await until(lambda: len(store.claims) == 1)  # the first claim at start finds nothing
+    return deliverer, erp
+
+
+async def test_no_claim_after_a_call_or_its_completion_when_nothing_was_announced(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A claim that came back short saw every due row: the finished call and its recorded
+    completion do not make the dispatcher claim again. Only new work does."""
+    monkeypatch.setattr(syncd.delivery, "IDLE_POLL", 30.0)
+    store = ScarceOutbox()
+    deliverer, erp = await delivering(store)
+    try:
+        for n in (1, 2, 3):
+            store.due.append(n)
+            deliverer.notify()
+            await until(lambda n=n: store.completed == list(range(1, n + 1)))
+            await asyncio.sleep(0.05)  # time for any claim the call or completion would cause
+        assert erp.calls == 3
+        assert store.claims == [[], [1], [2], [3]]
+        assert store.due_reads == 1  # after the empty claim at start
+    finally:
+        await deliverer.stop(grace=1.0)
+
+
+async def test_a_row_requeued_by_its_completion_is_claimed_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The entity changed while its call was in flight: the completion puts the row back and
+    says so, and the dispatcher claims it at once, without waiting for the idle poll."""
+    monkeypatch.setattr(syncd.delivery, "IDLE_POLL", 30.0)
+    store = ScarceOutbox()
+    deliverer, erp = await delivering(store)
+    try:
+        store.due.append(7)
+        store.requeue.add(7)
+        deliverer.notify()
+        await until(lambda: store.completed == [7, 7], within=2.0)
+        assert erp.calls == 2
+        assert store.claims == [[], [7], [7]]
+    finally:
+        await deliverer.stop(grace=1.0)
+
+
+async def test_work_announced_during_a_claim_is_claimed_after_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Work queued while a claim is running may be committed after that claim's snapshot: the
+    dispatcher claims again rather than trusting the short answer."""
+    monkeypatch.setattr(syncd.delivery, "IDLE_POLL", 30.0)
+    store = ScarceOutbox()
+    deliverer, erp = await delivering(store)
+    try:
+        store.claims_open.clear()
+        deliverer.notify()  # a claim starts: it finds nothing, and has not answered yet
+        await asyncio.sleep(0.05)
+        store.due.append(5)  # committed after that claim read
+        deliverer.notify()
+        store.claims_open.set()
+        await until(lambda: erp.calls == 1, within=2.0)
+        assert store.claims == [[], [], [5]]
+    finally:
+        await deliverer.stop(grace=1.0)
+
+
+class FailingErp(CountingErp):
+    """Refuses the first call with a retryable 503, then accepts."""
+
+    async def deliver(self, delivery: Delivery) -> DeliveryResult:
+        self.calls += 1
+        if self.calls == 1:
+            raise TransientDeliveryError("ERP answered 503", status=503)
+        return DeliveryResult(200, 0.0)
+
+
+class RetryingOutbox(ScarceOutbox):
+    """A failed row is due again at once; the read of the next due time is counted."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failed: list[int] = []
+
+    async def fail_delivery(self, claim: ClaimedDelivery, owner: str, **_: Any) -> None:
+        self.failed.append(claim.outbox_id)
+        self.due.append(claim.outbox_id)
+
+
+async def test_a_failed_call_is_claimed_again_when_its_retry_is_due(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """After recording a failure the dispatcher claims again (the row may be due, or the
+    next_due_at read after an empty claim times its retry), not only at the idle poll."""
+    monkeypatch.setattr(syncd.delivery, "IDLE_POLL", 30.0)
+    store, erp = RetryingOutbox(), FailingErp()
+    deliverer = Deliverer(  # type: ignore[arg-type]
+        store, erp, ErpSettings(concurrency=2, timeout=0.01, backoff_initial=0.01)
+    )
+    await deliverer.start()
+    try:
+        store.due.append(9)
+        deliverer.notify()
+        await until(lambda: store.completed == [9], within=2.0)
+        assert store.failed == [9]
+        assert erp.calls == 2
+    finally:
+        await deliverer.stop(grace=1.0)
