@@ -79,6 +79,8 @@ EXPERIMENTS = (
     "sqllog",
     "no-linger",
     "switch-1ms",
+    "merge-small",
+    "commits-first",
 )
 #: A phase is "quiet" when processes that are not ours use less than this % of a core.
 QUIET_LIMIT = 10.0

@@ -9,7 +9,9 @@ Results measured with a patch are marked EXPERIMENT in the report.
 
 from __future__ import annotations
 
+import asyncio
 import os
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -138,7 +140,85 @@ def switch_1ms() -> None:
     sys.setswitchinterval(0.001)
 
 
+class _CommitsFirst:
+    """An asyncio lock that hands over to a waiting webhook commit before anyone else."""
+
+    def __init__(self) -> None:
+        self._held = False
+        self._urgent: deque[asyncio.Future[None]] = deque()
+        self._others: deque[asyncio.Future[None]] = deque()
+
+    async def __aenter__(self) -> None:
+        if not self._held:
+            self._held = True
+            return
+        task = asyncio.current_task()
+        urgent = task is not None and task.get_name() == "syncd.inbox.group-commit"
+        queue = self._urgent if urgent else self._others
+        waiter = asyncio.get_running_loop().create_future()
+        queue.append(waiter)
+        try:
+            await waiter  # handed over with _held still True
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self._hand_over()
+            elif waiter in queue:
+                queue.remove(waiter)
+            raise
+
+    async def __aexit__(self, *_exc: object) -> None:
+        self._hand_over()
+
+    def _hand_over(self) -> None:
+        for queue in (self._urgent, self._others):
+            while queue:
+                waiter = queue.popleft()
+                if not waiter.done():
+                    waiter.set_result(None)
+                    return
+        self._held = False
+
+
+def commits_first() -> None:
+    """SQLite: webhook commits go ahead of every other writer waiting for the write lock
+    (merge, delivery claims and completions wait in arrival order behind them)."""
+    from syncd import store
+
+    init = store.SqlStore.__init__
+
+    def patched(self: Any, url: str) -> None:
+        init(self, url)
+        if self._write_lock is not None:
+            self._write_lock = _CommitsFirst()
+
+    store.SqlStore.__init__ = patched  # type: ignore[method-assign]
+
+
+def merge_small() -> None:
+    """While webhook commits are busy the merge takes at most 32 messages per transaction
+    (200 otherwise), so a commit never waits behind a long merge."""
+    from syncd import merge
+
+    async def drain_once(self: Any) -> int:
+        total = 0
+        while True:
+            limit = 32 if self._busy is not None and self._busy() else self._batch
+            result = await self._store.process_inbox(limit=limit)
+            total += int(result.messages)
+            if result.queued and self._on_queued is not None:
+                self._on_queued()
+            if self._on_snapshot is not None:
+                for url in result.snapshots:
+                    self._on_snapshot(url)
+            if result.messages < limit:
+                return total
+
+    merge.Merger.drain_once = drain_once  # type: ignore[method-assign]
+
+
 PATCHES: dict[str, Callable[[], None]] = {
+    "merge-small": merge_small,
+    "commits-first": commits_first,
     "ingest-only": ingest_only,
     "no-linger": no_linger,
     "executemany": executemany,
