@@ -100,9 +100,12 @@ class Deliverer:
         #: ``_announced`` as it was when the last claim that came back short began; None
         #: when the next round must claim (at start, after a full or failed claim).
         self._looked: int | None = None
-        #: Loop time by which to claim even if nothing is announced: a scheduled retry, or
+        #: Loop time by which to claim even if nothing is announced: the next row due, or
         #: the idle poll for rows that other processes queued or left behind.
         self._claim_by = 0.0
+        #: Loop time at which the next known scheduled row (a retry, a lease running out)
+        #: is due, until a claim has run since then; None when none is known.
+        self._due_by: float | None = None
         self._stopping = False
         self._in_flight: set[asyncio.Task[None]] = set()
         #: Outcomes of answered calls waiting for their shared transaction (see _deliver).
@@ -177,7 +180,7 @@ class Deliverer:
                     await self._sleep(linger_until - loop.time())
                     continue
             linger_until = None
-            seen = self._announced
+            seen, started = self._announced, loop.time()
             try:
                 claimed = await self._store.claim_deliveries(self.owner, free, self._lease)
             except StoreUnavailable as exc:
@@ -194,22 +197,35 @@ class Deliverer:
             if len(claimed) == free:
                 self._looked = None  # there may be more
                 continue
-            self._looked = seen
-            self._claim_by = loop.time() + (IDLE_POLL if claimed else await self._idle_time())
+            await self._plan_next_claim(seen, started, bool(claimed))
             await self._sleep(self._claim_by - loop.time())
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         self._in_flight.discard(task)
         self._wake.set()  # a slot is free
 
-    async def _idle_time(self) -> float:
-        try:
-            due = await self._store.next_due_at()
-        except StoreUnavailable:
-            return IDLE_POLL
-        if due is None:
-            return IDLE_POLL
-        return max(0.0, min(IDLE_POLL, (due - datetime.now(UTC)).total_seconds()))
+    async def _plan_next_claim(self, seen: int, started: float, claimed_some: bool) -> None:
+        """After a claim (begun at loop time ``started``) that came back short: claim again
+        when work is announced after ``seen``, when the next known row is due, or at the
+        idle poll, whichever comes first."""
+        self._looked = seen
+        if self._due_by is not None and started >= self._due_by:
+            self._due_by = None  # that claim saw the row it was waiting for
+        if not claimed_some:
+            try:
+                due = await self._store.next_due_at()
+            except StoreUnavailable:
+                due = None
+            if due is not None:
+                self._due_at(due)
+        self._claim_by = asyncio.get_running_loop().time() + IDLE_POLL
+        if self._due_by is not None:
+            self._claim_by = min(self._claim_by, self._due_by)
+
+    def _due_at(self, due: datetime) -> None:
+        """A row is due at ``due``: claim by then."""
+        at = asyncio.get_running_loop().time() + (due - datetime.now(UTC)).total_seconds()
+        self._due_by = at if self._due_by is None else min(self._due_by, at)
 
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
@@ -317,8 +333,9 @@ class Deliverer:
             ),
             claim,
         )
-        # The row has a retry time now (or is due at once, if its entity moved on): a claim
-        # that comes back empty reads when the next row is due.
+        # The row has a retry time now (or is due at once, if its entity moved on).
+        if verdict.retry_at is not None:
+            self._due_at(verdict.retry_at)
         self._announce()
 
     async def _record(self, write: Awaitable[None], claim: ClaimedDelivery) -> None:

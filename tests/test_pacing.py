@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -208,10 +208,17 @@ class ScarceOutbox:
         self.requeue: set[int] = set()
         self.completed: list[int] = []
         self.due_reads = 0
+        #: Rows due later (a retry, say), by due time: a claim takes them once due.
+        self.scheduled: dict[int, datetime] = {}
         self.claims_open = asyncio.Event()
         self.claims_open.set()
 
     async def claim_deliveries(self, owner: str, limit: int, lease: float) -> list[Any]:
+        now = datetime.now(UTC)
+        for n, at in sorted(self.scheduled.items()):
+            if at <= now:
+                self.due.append(n)
+                del self.scheduled[n]
         taken, self.due = self.due[:limit], self.due[limit:]
         await self.claims_open.wait()  # what it answers was read before this wait
         self.claims.append(taken)
@@ -227,7 +234,7 @@ class ScarceOutbox:
 
     async def next_due_at(self) -> datetime | None:
         self.due_reads += 1
-        return None
+        return min(self.scheduled.values(), default=None)
 
     async def release_leases(self, owner: str, *, due_at: datetime | None = None) -> int:
         return 0
@@ -298,6 +305,28 @@ async def test_work_announced_during_a_claim_is_claimed_after_it(
         store.claims_open.set()
         await until(lambda: erp.calls == 1, within=2.0)
         assert store.claims == [[], [], [5]]
+    finally:
+        await deliverer.stop(grace=1.0)
+
+
+async def test_a_row_scheduled_for_later_is_claimed_when_due_though_other_work_came_first(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The time of the next scheduled row, read after an empty claim, is kept when other work
+    is claimed before it: the row is claimed when due, not at the next idle poll."""
+    monkeypatch.setattr(syncd.delivery, "IDLE_POLL", 5.0)
+    store = ScarceOutbox()
+    store.scheduled[1] = datetime.now(UTC) + timedelta(seconds=0.4)
+    deliverer, _erp = await delivering(store)  # its first claim is empty, then it reads
+    try:
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        store.due.append(2)
+        deliverer.notify()
+        await until(lambda: store.completed == [2])
+        await until(lambda: 1 in store.completed, within=3.0)
+        assert loop.time() - began < 1.5
+        assert store.claims[:3] == [[], [2], [1]]
     finally:
         await deliverer.stop(grace=1.0)
 
