@@ -221,7 +221,7 @@ class Poller:
                 report.stale += 1
         if kind == "reconcile" and report.job in ("orders", "shipments"):
             await self._round_trip(report, facts)
-        if result.queued and self._on_queued is not None:
+        if (result.queued or report.redelivered) and self._on_queued is not None:
             self._on_queued()
 
     async def _round_trip(self, report: PassReport, facts: list[Fact]) -> None:

@@ -11,6 +11,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
+import syncd.delivery
 from syncd.app import DELIVERER, STORE, create_app
 from syncd.config import Settings
 from syncd.masonhub import MasonHubClient, MasonHubError
@@ -146,6 +147,33 @@ async def test_lost_callback_is_delivered_by_the_next_poll(rig: RigFactory) -> N
     assert response.status == 200
     await r.settled()
     assert len(r.erp.calls_to(f"/api/orders/{key}")) == calls
+
+
+async def test_reconcile_requeues_a_dead_lettered_order_and_it_is_sent_at_once(
+    rig: RigFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The ERP refused an order's tracking numbers (a dead letter). Reconciliation queues the
+    order again and tells the dispatcher, which sends it without waiting for its idle poll."""
+    monkeypatch.setattr(syncd.delivery, "IDLE_POLL", 30.0)
+    r = await rig()
+
+    async def refuse(call: Any) -> web.StreamResponse | None:
+        if not call.path.startswith("/api/orders/"):
+            return None
+        return web.json_response({"error": "unknown customer"}, status=400)
+
+    r.erp.respond = refuse
+    order = r.sim.world.create_order()
+    r.sim.world.advance(order.id, steps=4)  # to fulfilled, each state refused
+    await r.settled()
+    key = order.customer_identifier
+    assert r.tracking(key) == []
+    assert (await r.store.outbox_counts()).get("dead") == 1
+    r.erp.respond = None
+    report = await r.poller.reconcile("orders")
+    assert report.redelivered == [key]
+    await r.settled(within=5.0)
+    assert r.tracking(key) == sorted(s.tracking_number for s in order.shipments)
 
 
 async def test_lost_delivered_callback_is_repaired_by_the_next_poll(rig: RigFactory) -> None:
