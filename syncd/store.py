@@ -713,7 +713,12 @@ class SqlStore:
         )
         #: The store thread's own sqlite3 connection, for the hot paths (see _transact_sql).
         self._driver: PoolProxiedConnection | None = None
-        self._merge_sql = _MergeStatements.build(self.dialect)
+
+    @functools.cached_property
+    def _merge_sql(self) -> _MergeStatements:
+        """The merge's SQLAlchemy statements, built on first use: a SQLite store merges in
+        plain SQL (_SqliteMerge) and never needs them."""
+        return _MergeStatements.build(self.dialect)
 
     @asynccontextmanager
     async def _begin(self) -> AsyncIterator[AsyncConnection]:
