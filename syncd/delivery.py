@@ -273,10 +273,12 @@ class Deliverer:
 
     def _recorded(self, claim: ClaimedDelivery, recorded: asyncio.Future[bool]) -> None:
         self._recording.discard(recorded)
-        error = None if recorded.cancelled() else recorded.exception()
+        if recorded.cancelled():
+            return
+        error = recorded.exception()
         if isinstance(error, StoreUnavailable):
             self._record_failed(claim, error)
-        elif error is None and not recorded.cancelled() and recorded.result():
+        elif error is None and recorded.result():
             self._announce()  # the entity changed while in flight: its row is due again
 
     def verdict(self, claim: ClaimedDelivery, exc: DeliveryError) -> Verdict:
