@@ -521,7 +521,8 @@ def alembic_config(url: str | None = None) -> Any:
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     # WAL lets readers run beside the writer; synchronous=FULL makes every commit durable
-    # before we acknowledge, which is the whole promise of the inbox.
+    # before we acknowledge, which is the whole promise of the inbox. (The store thread's
+    # connection commits work it can derive again with NORMAL: see SqlStore._transact_sql.)
     cursor = dbapi_connection.cursor()
     for pragma in (
         "PRAGMA journal_mode=WAL",
@@ -713,6 +714,8 @@ class SqlStore:
         )
         #: The store thread's own sqlite3 connection, for the hot paths (see _transact_sql).
         self._driver: PoolProxiedConnection | None = None
+        #: Whether that connection commits with synchronous=FULL now (see _transact_sql).
+        self._driver_syncs = True
 
     @functools.cached_property
     def _merge_sql(self) -> _MergeStatements:
@@ -745,17 +748,26 @@ class SqlStore:
                         return await conn.run_sync(body)
         return await self._on_thread(self._in_thread, body)
 
-    async def _transact_sql(self, body: Callable[[_Sql], T]) -> T:
+    async def _transact_sql(self, body: Callable[[_Sql], T], *, sync: bool = True) -> T:
         """SQLite: run ``body`` over plain SQL in one write transaction (see _transact).
 
         On a file it runs on the store thread's own sqlite3 connection, with BEGIN IMMEDIATE
         and COMMIT issued here: SQLAlchemy's connection, transaction and execution layers
         cost several times what the driver does (bench/pipeline_cpu.py). On an in-memory
         database the same SQL runs on the async engine, which owns that database.
+
+        ``sync=False`` commits without waiting for the disk (synchronous=NORMAL), for work
+        that can be derived again from what is on disk: a merge (from the inbox) and a
+        completion (the call is repeated with the same Idempotency-Key). In WAL mode a power
+        cut can then lose only commits after the last synced one, and every later
+        synchronous=FULL commit, on any connection, syncs the WAL and with it all of them.
+        So whatever is told outside must follow a synced commit: a webhook's 200 its inbox
+        commit, an ERP call its claim, which also makes the merge that set the revision of
+        its Idempotency-Key durable before the key is ever sent.
         """
         if self._thread is None:
             return await self._transact(lambda conn: body(_EngineSql(conn)))
-        return await self._on_thread(self._in_driver_thread, body)
+        return await self._on_thread(functools.partial(self._in_driver_thread, sync=sync), body)
 
     async def _on_thread(self, run: Callable[[Callable[[Any], T]], T], body: Any) -> T:
         async with self._write_lock or contextlib.nullcontext():
@@ -776,7 +788,7 @@ class SqlStore:
         with self._thread_engine.begin() as conn:
             return body(conn)
 
-    def _in_driver_thread(self, body: Callable[[_Sql], T]) -> T:
+    def _in_driver_thread(self, body: Callable[[_Sql], T], *, sync: bool = True) -> T:
         if self._driver is None:
             assert self._thread_engine is not None
             # A connection of the thread engine (so with its pragmas and busy timeout),
@@ -784,8 +796,12 @@ class SqlStore:
             driver = self._thread_engine.raw_connection()
             driver.detach()
             self._driver = driver
+            self._driver_syncs = True
         conn = self._driver.dbapi_connection
         assert isinstance(conn, sqlite3.Connection)
+        if sync != self._driver_syncs:
+            conn.execute("PRAGMA synchronous=FULL" if sync else "PRAGMA synchronous=NORMAL")
+            self._driver_syncs = sync
         conn.execute("BEGIN IMMEDIATE")
         try:
             result = body(_DriverSql(conn))
@@ -990,7 +1006,7 @@ class SqlStore:
     async def _merge(self, body: Callable[[_MergeDb], T]) -> T:
         """Run a merge transaction: plain SQL on SQLite (see _transact_sql), else SQLAlchemy."""
         if self.dialect == "sqlite":
-            return await self._transact_sql(lambda sql: body(_SqliteMerge(sql)))
+            return await self._transact_sql(lambda sql: body(_SqliteMerge(sql)), sync=False)
         return await self._transact(lambda conn: body(_AlchemyMerge(conn, self._merge_sql)))
 
     def _process_inbox(self, db: _MergeDb, limit: int) -> ProcessResult:
@@ -1276,7 +1292,7 @@ class SqlStore:
                 sql.run(_SQLITE_REQUEUE_CHANGED, (at, at, _id_list(changed)))
             return set(changed)
 
-        return await self._transact_sql(complete)
+        return await self._transact_sql(complete, sync=False)
 
     async def _complete_postgresql(self, done: Sequence[Completion], now: datetime) -> set[int]:
         """complete_deliveries on PostgreSQL: two statements over arrays, in one transaction.

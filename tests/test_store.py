@@ -430,6 +430,58 @@ async def test_sqlite_driver_writes_read_back_through_sqlalchemy(
         await store.close()
 
 
+async def test_sqlite_syncs_every_commit_that_something_outside_relies_on(
+    tmp_path: Path,
+) -> None:
+    """On a SQLite file the inbox commit (a webhook's 200 follows it) and the claim (an ERP
+    call follows it) commit with synchronous=FULL; the merge and the completion, which can be
+    derived again, with NORMAL. The store thread's connection keeps the setting of the last
+    transaction it ran, so reading it after each step tells how that step committed; a new
+    connection after a failure starts over from FULL and is switched again."""
+    from syncd.facts import order_fact
+    from syncd.store import Completion
+
+    store = SqlStore(f"sqlite+aiosqlite:///{tmp_path / 's.db'}")
+    loop = asyncio.get_running_loop()
+
+    def synchronous() -> int:
+        assert store._driver is not None
+        driver = store._driver.dbapi_connection
+        assert driver is not None
+        return int(driver.execute("PRAGMA synchronous").fetchone()[0])
+
+    async def committed_with() -> int:
+        assert store._thread is not None
+        return await loop.run_in_executor(store._thread, synchronous)
+
+    full, normal = 2, 1
+    try:
+        await store.migrate()
+        await store.add_messages([message("m1")])
+        assert await committed_with() == full
+        await store.apply_facts([order_fact({"customer_identifier": "O-1"}, "webhook")])
+        assert await committed_with() == normal
+        await store.process_inbox()
+        assert await committed_with() == normal
+        [claim] = await store.claim_deliveries("w1", 5, 30)
+        assert await committed_with() == full
+        started = datetime.now(UTC)
+        await store.complete_deliveries([Completion(claim, "w1", started, 204)])
+        assert await committed_with() == normal
+        await store.add_messages([message("m2")])
+        assert await committed_with() == full
+
+        await store.process_inbox()
+        assert store._thread is not None
+        await loop.run_in_executor(store._thread, store._close_driver)
+        await store.process_inbox()
+        assert await committed_with() == normal
+        await store.claim_deliveries("w1", 5, 30)
+        assert await committed_with() == full
+    finally:
+        await store.close()
+
+
 def test_sqlite_older_than_3_35_is_refused_in_one_line(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
