@@ -65,7 +65,9 @@ class GroupCommitter:
         is_new = await self._store.add_messages([m for r in requests for m in r])
         self.committed_messages += len(is_new)
         if self._on_commit is not None and any(is_new):
-            self._on_commit()
+            # After the callers' answers: their handlers resume first and send the 200s,
+            # instead of the merge starting in the store thread and slowing them down.
+            asyncio.get_running_loop().call_soon(self._on_commit)
         results, offset = [], 0
         for request in requests:
             results.append(is_new[offset : offset + len(request)])

@@ -157,6 +157,35 @@ async def test_group_commit_answers_each_request_its_own_rows(store: SqlStore) -
     assert (first, second) == ([True, False], [True])
 
 
+async def test_group_commit_answers_its_callers_before_the_merge_is_told(
+    store: SqlStore,
+) -> None:
+    """The commit's callers resume (to send their 200s) before a task woken by ``on_commit``
+    (the merge) runs: the merge's work in the store thread would otherwise slow the answers."""
+    told = asyncio.Event()
+    answered: list[str] = []
+    seen_by_merge: list[list[str]] = []
+
+    async def merge() -> None:
+        await told.wait()
+        seen_by_merge.append(list(answered))
+
+    async def request(key: str) -> None:
+        await committer.submit([message(key)])
+        answered.append(key)
+
+    committer = GroupCommitter(store, on_commit=told.set)
+    await committer.start()
+    merger = asyncio.create_task(merge())
+    try:
+        await asyncio.gather(request("a1"), request("a2"), request("a3"))
+        await asyncio.wait_for(merger, 5)
+    finally:
+        await committer.stop()
+    assert answered == ["a1", "a2", "a3"]
+    assert seen_by_merge == [answered]
+
+
 async def test_a_value_the_store_refuses_fails_only_its_own_request(store: SqlStore) -> None:
     """A request whose row the database refuses (a NOT NULL broken here) is retried alone:
     the requests committed with it still get their rows, instead of all getting 503."""
