@@ -2037,12 +2037,19 @@ FOR UPDATE SKIP LOCKED
 """
 
 #: Entities of type $1 with keys in $2, with their outbox rows, locked until the merge ends.
+#: The outbox row is looked up per entity (a LATERAL subquery with LIMIT is never turned
+#: into a join): as a plain join, a cached plan chosen while the outbox was small walked the
+#: whole outbox index in a merge join once a backlog had built up, 7.8 ms instead of 0.1 ms.
 _PG_ENTITIES = """
 SELECT e.id, e.entity_type, e.entity_key, e.state, e.content_hash, e.version_rank,
        e.version_ts, e.source, e.revision, e.replays, e.updated_at, e.delivered_hash,
        e.delivered_revision, e.delivered_at, o.id AS outbox_id, o.state AS outbox_state,
        o.attempts, o.next_attempt_at, o.lease_until, o.last_status, o.last_error
-FROM entities e LEFT OUTER JOIN outbox o ON o.entity_id = e.id
+FROM entities e
+LEFT JOIN LATERAL (
+    SELECT id, state, attempts, next_attempt_at, lease_until, last_status, last_error
+    FROM outbox WHERE outbox.entity_id = e.id LIMIT 1
+) o ON true
 WHERE e.entity_type = $1 AND e.entity_key = ANY($2::varchar[])
 ORDER BY e.id
 FOR UPDATE OF e
