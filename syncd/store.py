@@ -30,7 +30,6 @@ from sqlalchemy.engine import Connection, Dialect, make_url
 from sqlalchemy.exc import DataError, DisconnectionError, IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import PoolProxiedConnection
-from sqlalchemy.util import await_only, greenlet_spawn
 
 from syncd import jsoncodec
 from syncd.errors import SchemaMismatch, StoreRejected, StoreUnavailable
@@ -718,6 +717,12 @@ class SqlStore:
         #: Whether that connection commits with synchronous=FULL now (see _transact_sql).
         self._driver_syncs = True
 
+    @functools.cached_property
+    def _merge_sql(self) -> _MergeStatements:
+        """The merge's SQLAlchemy statements, built on first use: a SQLite store merges in
+        plain SQL (_SqliteMerge) and never needs them."""
+        return _MergeStatements.build(self.dialect)
+
     @asynccontextmanager
     async def _begin(self) -> AsyncIterator[AsyncConnection]:
         # SQLite has one writer at a time. Queueing our own writers here, in the event loop,
@@ -999,19 +1004,10 @@ class SqlStore:
         return await self._merge(lambda db: self._process_inbox(db, limit))
 
     async def _merge(self, body: Callable[[_MergeDb], T]) -> T:
-        """Run a merge transaction as plain SQL on the driver: sqlite3 (see _transact_sql) or
-        asyncpg (see _asyncpg).
-
-        The merge itself is synchronous code shared by both. On PostgreSQL it runs in a
-        greenlet, as SQLAlchemy runs ``run_sync`` bodies, and each statement waits for asyncpg
-        there: the statements skip SQLAlchemy's execution layer, which cost several times
-        the driver's own work per statement (bench/pipeline_cpu.py).
-        """
+        """Run a merge transaction: plain SQL on SQLite (see _transact_sql), else SQLAlchemy."""
         if self.dialect == "sqlite":
             return await self._transact_sql(lambda sql: body(_SqliteMerge(sql)), sync=False)
-        async with self._asyncpg() as pg, pg.transaction():
-            result: T = await greenlet_spawn(body, _PgMerge(pg))
-            return result
+        return await self._transact(lambda conn: body(_AlchemyMerge(conn, self._merge_sql)))
 
     def _process_inbox(self, db: _MergeDb, limit: int) -> ProcessResult:
         rows = db.pending_messages(limit)
@@ -1806,6 +1802,75 @@ _ENTITY_SELECT = sa.select(
 ).select_from(entities.outerjoin(outbox, outbox.c.entity_id == entities.c.id))
 
 
+_NOW = sa.bindparam("b_now", type_=UTCDateTime())
+
+
+@dataclass(frozen=True)
+class _MergeStatements:
+    """The merge's statements, built once per store. A statement built anew for each pass
+    spent more Python time in SQLAlchemy's construction and cache-key generation than in
+    executing it; a constant one memoises its cache key."""
+
+    pending_messages: sa.Select[Any]
+    messages_done: sa.Update
+    message_failed: sa.Update
+    entities_by_key: sa.Select[Any]
+    insert_entities: sa.Insert
+    update_entities: sa.Update
+    queue_outbox: Any  # the dialect's INSERT ... ON CONFLICT DO NOTHING
+    revive_outbox: sa.Update
+    insert_facts: sa.Insert
+
+    @classmethod
+    def build(cls, dialect: str) -> _MergeStatements:
+        """The statements for ``dialect``; ``b_ids`` and ``b_keys`` take lists."""
+        ids: Any = sa.bindparam("b_ids", expanding=True)
+        return cls(
+            pending_messages=sa.select(
+                inbox.c.id, inbox.c.message_type, inbox.c.body, inbox.c.source
+            )
+            .where(inbox.c.state == InboxState.PENDING.value)
+            .order_by(inbox.c.id)
+            .limit(sa.bindparam("b_limit", type_=sa.Integer))
+            .with_for_update(skip_locked=True),
+            messages_done=inbox.update()
+            .where(inbox.c.id.in_(ids))
+            .values(state=InboxState.DONE.value, processed_at=_NOW),
+            message_failed=inbox.update()
+            .where(inbox.c.id == sa.bindparam("b_id"))
+            .values(
+                state=InboxState.FAILED.value, error=sa.bindparam("b_error"), processed_at=_NOW
+            ),
+            entities_by_key=_ENTITY_SELECT.where(
+                entities.c.entity_type == sa.bindparam("b_type"),
+                entities.c.entity_key.in_(sa.bindparam("b_keys", expanding=True)),
+            )
+            .order_by(entities.c.id)
+            .with_for_update(of=entities),
+            insert_entities=entities.insert().returning(
+                entities.c.id, entities.c.entity_type, entities.c.entity_key
+            ),
+            update_entities=entities.update()
+            .where(entities.c.id == sa.bindparam("b_id"))
+            .values({c: sa.bindparam(f"b_{c}") for c in _ENTITY_WRITE_COLUMNS}),
+            queue_outbox=_insert(dialect, outbox)
+            .on_conflict_do_nothing(index_elements=["entity_id"])
+            .returning(outbox.c.id),
+            revive_outbox=outbox.update()
+            .where(outbox.c.id.in_(ids))
+            .values(
+                state=OutboxState.PENDING.value,
+                attempts=0,
+                next_attempt_at=_NOW,
+                lease_owner=None,
+                lease_until=None,
+                replay=0,
+                updated_at=_NOW,
+            ),
+            insert_facts=facts.insert(),
+        )
+
+
 class _PendingMessage(NamedTuple):
     """An inbox message the merge takes up."""
 
@@ -1842,110 +1907,50 @@ class _MergeDb(Protocol):
     def messages_failed(self, failed: Mapping[int, str], now: datetime) -> None: ...
 
 
-class _PgMerge:
-    """_MergeDb as plain SQL on asyncpg (PostgreSQL), called from a greenlet (see
-    SqlStore._merge). Lists go in as arrays; JSON as text, cast in the statement."""
+class _AlchemyMerge:
+    """_MergeDb with SQLAlchemy's statements (PostgreSQL)."""
 
-    def __init__(self, pg: asyncpg.Connection) -> None:
-        self._pg = pg
-
-    def _fetch(self, sql: str, *args: Any) -> list[Any]:
-        return list(await_only(self._pg.fetch(sql, *args)))
-
-    def _execute(self, sql: str, *args: Any) -> None:
-        await_only(self._pg.execute(sql, *args))
+    def __init__(self, conn: Connection, statements: _MergeStatements) -> None:
+        self._conn = conn
+        self._sql = statements
 
     def pending_messages(self, limit: int) -> list[_PendingMessage]:
-        rows = self._fetch(_PG_PENDING_MESSAGES, InboxState.PENDING.value, limit)
+        rows = self._conn.execute(self._sql.pending_messages, {"b_limit": limit})
         return [_PendingMessage(*row) for row in rows]
 
     def entities(self, entity_type: str, keys: Sequence[str]) -> list[EntityRecord]:
-        return [_pg_entity(r) for r in self._fetch(_PG_ENTITIES, entity_type, list(keys))]
+        chunk = {"b_type": entity_type, "b_keys": list(keys)}
+        return [
+            EntityRecord.from_row(r) for r in self._conn.execute(self._sql.entities_by_key, chunk)
+        ]
 
     def insert_entities(self, rows: Sequence[dict[str, Any]]) -> dict[tuple[str, str], int]:
-        inserted = self._fetch(
-            _PG_INSERT_ENTITIES,
-            [row["entity_type"] for row in rows],
-            [row["entity_key"] for row in rows],
-            *_pg_entity_write(rows),
-            [row["replays"] for row in rows],
-        )
-        return {(r["entity_type"], r["entity_key"]): r["id"] for r in inserted}
+        inserted = self._conn.execute(self._sql.insert_entities, list(rows))
+        return {(row.entity_type, row.entity_key): row.id for row in inserted}
 
     def update_entities(self, rows: Sequence[dict[str, Any]]) -> None:
-        self._execute(_PG_UPDATE_ENTITIES, [row["id"] for row in rows], *_pg_entity_write(rows))
+        columns = ("id", *_ENTITY_WRITE_COLUMNS)
+        self._conn.execute(
+            self._sql.update_entities, [{f"b_{c}": row[c] for c in columns} for row in rows]
+        )
 
     def queue_outbox(self, rows: Sequence[dict[str, Any]]) -> int:
-        queued = self._fetch(
-            _PG_QUEUE_OUTBOX,
-            [row["entity_id"] for row in rows],
-            [row["state"] for row in rows],
-            [row["attempts"] for row in rows],
-            [_naive(row["next_attempt_at"]) for row in rows],
-            [row["replay"] for row in rows],
-            [_naive(row["created_at"]) for row in rows],
-            [_naive(row["updated_at"]) for row in rows],
-        )
-        return len(queued)
+        return len(self._conn.execute(self._sql.queue_outbox, list(rows)).all())
 
     def revive_outbox(self, ids: Sequence[int], now: datetime) -> None:
-        self._execute(_PG_REVIVE_OUTBOX, OutboxState.PENDING.value, _naive(now), list(ids))
+        self._conn.execute(self._sql.revive_outbox, {"b_ids": list(ids), "b_now": now})
 
     def insert_facts(self, rows: Sequence[dict[str, Any]]) -> None:
-        self._execute(
-            _PG_INSERT_FACTS,
-            [row["inbox_id"] for row in rows],
-            [row["entity_id"] for row in rows],
-            [row["source"] for row in rows],
-            [row["outcome"] for row in rows],
-            [row["reason"] for row in rows],
-            [row["content_hash"] for row in rows],
-            [row["version_rank"] for row in rows],
-            [_naive_or_none(row["version_ts"]) for row in rows],
-            [_naive(row["created_at"]) for row in rows],
-        )
+        self._conn.execute(self._sql.insert_facts, list(rows))
 
     def messages_done(self, ids: Sequence[int], now: datetime) -> None:
-        self._execute(_PG_MESSAGES_DONE, InboxState.DONE.value, _naive(now), list(ids))
+        self._conn.execute(self._sql.messages_done, {"b_ids": list(ids), "b_now": now})
 
     def messages_failed(self, failed: Mapping[int, str], now: datetime) -> None:
-        self._execute(
-            _PG_MESSAGES_FAILED,
-            InboxState.FAILED.value,
-            _naive(now),
-            list(failed),
-            list(failed.values()),
+        self._conn.execute(
+            self._sql.message_failed,
+            [{"b_id": i, "b_error": error, "b_now": now} for i, error in failed.items()],
         )
-
-
-#: The timestamp columns of an entity read with its outbox row (_PG_ENTITIES, _SQLITE_ENTITIES).
-_ENTITY_TIMES = ("version_ts", "updated_at", "delivered_at", "next_attempt_at", "lease_until")
-
-
-def _pg_entity(record: Any) -> EntityRecord:
-    """An EntityRecord from a _PG_ENTITIES row (state decoded by the engine's JSON codec)."""
-    m = dict(record)
-    for name in _ENTITY_TIMES:
-        if m[name] is not None:
-            m[name] = m[name].replace(tzinfo=UTC)
-    return EntityRecord.from_mapping(m)
-
-
-def _pg_entity_write(rows: Sequence[Mapping[str, Any]]) -> tuple[list[Any], ...]:
-    """The rows' _ENTITY_WRITE_COLUMNS, in order, as asyncpg arrays (state as JSON text)."""
-    return (
-        [jsoncodec.dumps(row["state"]) for row in rows],
-        [row["content_hash"] for row in rows],
-        [row["version_rank"] for row in rows],
-        [_naive_or_none(row["version_ts"]) for row in rows],
-        [row["source"] for row in rows],
-        [row["revision"] for row in rows],
-        [_naive(row["updated_at"]) for row in rows],
-    )
-
-
-def _naive_or_none(value: datetime | None) -> datetime | None:
-    return None if value is None else _naive(value)
 
 
 # The hot paths on PostgreSQL, as SQL for asyncpg (see SqlStore._asyncpg). Lists go
@@ -2025,93 +2030,6 @@ UPDATE outbox SET attempts = 0, next_attempt_at = $5, lease_owner = NULL, lease_
                   last_status = NULL, last_error = NULL, updated_at = $5
 WHERE id IN (SELECT id FROM current WHERE NOT unchanged)
 RETURNING id
-"""
-
-
-#: The merge on PostgreSQL (see _PgMerge): the oldest pending messages, skipping those
-#: another instance is merging.
-_PG_PENDING_MESSAGES = """
-SELECT id, message_type, body, source FROM inbox WHERE state = $1
-ORDER BY id LIMIT $2
-FOR UPDATE SKIP LOCKED
-"""
-
-#: Entities of type $1 with keys in $2, with their outbox rows, locked until the merge ends.
-#: The outbox row is looked up per entity (a LATERAL subquery with LIMIT is never turned
-#: into a join): as a plain join, a cached plan chosen while the outbox was small walked the
-#: whole outbox index in a merge join once a backlog had built up, 7.8 ms instead of 0.1 ms.
-_PG_ENTITIES = """
-SELECT e.id, e.entity_type, e.entity_key, e.state, e.content_hash, e.version_rank,
-       e.version_ts, e.source, e.revision, e.replays, e.updated_at, e.delivered_hash,
-       e.delivered_revision, e.delivered_at, o.id AS outbox_id, o.state AS outbox_state,
-       o.attempts, o.next_attempt_at, o.lease_until, o.last_status, o.last_error
-FROM entities e
-LEFT JOIN LATERAL (
-    SELECT id, state, attempts, next_attempt_at, lease_until, last_status, last_error
-    FROM outbox WHERE outbox.entity_id = e.id LIMIT 1
-) o ON true
-WHERE e.entity_type = $1 AND e.entity_key = ANY($2::varchar[])
-ORDER BY e.id
-FOR UPDATE OF e
-"""
-
-_PG_INSERT_ENTITIES = """
-INSERT INTO entities (entity_type, entity_key, state, content_hash, version_rank, version_ts,
-                      source, revision, updated_at, replays)
-SELECT entity_type, entity_key, state::json, content_hash, version_rank, version_ts, source,
-       revision, updated_at, replays
-FROM unnest(
-    $1::varchar[], $2::varchar[], $3::text[], $4::varchar[], $5::integer[], $6::timestamp[],
-    $7::varchar[], $8::integer[], $9::timestamp[], $10::integer[]
-) AS n(entity_type, entity_key, state, content_hash, version_rank, version_ts, source,
-       revision, updated_at, replays)
-RETURNING id, entity_type, entity_key
-"""
-
-_PG_UPDATE_ENTITIES = """
-UPDATE entities SET state = u.state::json, content_hash = u.content_hash,
-                    version_rank = u.version_rank, version_ts = u.version_ts,
-                    source = u.source, revision = u.revision, updated_at = u.updated_at
-FROM unnest(
-    $1::bigint[], $2::text[], $3::varchar[], $4::integer[], $5::timestamp[], $6::varchar[],
-    $7::integer[], $8::timestamp[]
-) AS u(id, state, content_hash, version_rank, version_ts, source, revision, updated_at)
-WHERE entities.id = u.id
-"""
-
-#: Pending rows for entities that have none (one row per entity); returns those inserted.
-_PG_QUEUE_OUTBOX = """
-INSERT INTO outbox (entity_id, state, attempts, next_attempt_at, replay, created_at,
-                    updated_at)
-SELECT * FROM unnest(
-    $1::bigint[], $2::varchar[], $3::integer[], $4::timestamp[], $5::integer[],
-    $6::timestamp[], $7::timestamp[]
-)
-ON CONFLICT (entity_id) DO NOTHING
-RETURNING id
-"""
-
-_PG_REVIVE_OUTBOX = """
-UPDATE outbox SET state = $1, attempts = 0, next_attempt_at = $2, lease_owner = NULL,
-                  lease_until = NULL, replay = 0, updated_at = $2
-WHERE id = ANY($3::bigint[])
-"""
-
-_PG_INSERT_FACTS = """
-INSERT INTO facts (inbox_id, entity_id, source, outcome, reason, content_hash, version_rank,
-                   version_ts, created_at)
-SELECT * FROM unnest(
-    $1::bigint[], $2::bigint[], $3::varchar[], $4::varchar[], $5::text[], $6::varchar[],
-    $7::integer[], $8::timestamp[], $9::timestamp[]
-)
-"""
-
-_PG_MESSAGES_DONE = "UPDATE inbox SET state = $1, processed_at = $2 WHERE id = ANY($3::bigint[])"
-
-_PG_MESSAGES_FAILED = """
-UPDATE inbox SET state = $1, processed_at = $2, error = f.error
-FROM unnest($3::bigint[], $4::text[]) AS f(id, error)
-WHERE inbox.id = f.id
 """
 
 
@@ -2372,10 +2290,20 @@ class _SqliteMerge:
         )
 
 
+#: The timestamp columns of _SQLITE_ENTITIES.
+_SQLITE_ENTITY_TIMES = (
+    "version_ts",
+    "updated_at",
+    "delivered_at",
+    "next_attempt_at",
+    "lease_until",
+)
+
+
 def _sqlite_entity(m: dict[str, Any]) -> EntityRecord:
     """An EntityRecord from a _SQLITE_ENTITIES row (as a mapping, decoded in place)."""
     m["state"] = jsoncodec.loads(m["state"])
-    for name in _ENTITY_TIMES:
+    for name in _SQLITE_ENTITY_TIMES:
         m[name] = _sqlite_parse_time(m[name])
     return EntityRecord.from_mapping(m)
 

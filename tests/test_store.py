@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import sqlite3
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -330,60 +329,6 @@ async def test_postgres_connections_closed_by_the_server_are_not_reused(
         from tests.conftest import _truncate
 
         await _truncate(pg_migrated_url)
-
-
-@pytest.mark.postgres
-async def test_postgres_merge_finds_an_entitys_outbox_row_by_index_whatever_the_stats(
-    pg_migrated_url: str,
-) -> None:
-    """The merge's entity read looks each outbox row up by index, also in a cached generic
-    plan made when the outbox looked empty and used once a backlog of 20,000 rows has built
-    up. As a plain join it walked the outbox index from its start (a merge join) for an
-    entity near its end: every message then read the whole backlog."""
-    from syncd.store import _PG_ENTITIES
-
-    conn = await asyncpg.connect(_asyncpg_dsn(pg_migrated_url))
-    try:
-        await conn.execute(
-            "INSERT INTO entities (entity_type, entity_key, state, content_hash, source,"
-            " revision, updated_at, replays)"
-            " SELECT 'order', 'O-' || g, '{}'::json, 'h', 'webhook', 1, now(), 0"
-            " FROM generate_series(1, 20000) g"
-        )
-        backlog = (
-            "INSERT INTO outbox (entity_id, state, attempts, next_attempt_at, replay,"
-            " created_at, updated_at)"
-            " SELECT id, 'pending', 0, now(), 0, now(), now() FROM entities"
-        )
-        # Stats taken when every delivery had gone out (the rows deleted, their pages
-        # not yet vacuumed), then a backlog: what a daemon sees after an ERP outage.
-        await conn.execute(backlog)
-        await conn.execute("DELETE FROM outbox")
-        await conn.execute("ANALYZE entities")
-        await conn.execute("ANALYZE outbox")
-        await conn.execute(backlog)
-        await conn.execute("SET plan_cache_mode = force_generic_plan")
-        await conn.execute(f"PREPARE entities_read(varchar, varchar[]) AS {_PG_ENTITIES}")
-        async with conn.transaction():
-            plan = await conn.fetchval(
-                "EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE entities_read('order', '{O-19999}')"
-            )
-    finally:
-        await conn.close()
-        from tests.conftest import _truncate
-
-        await _truncate(pg_migrated_url)
-
-    def nodes(node: dict[str, Any]) -> Iterator[dict[str, Any]]:
-        yield node
-        for child in node.get("Plans", ()):
-            yield from nodes(child)
-
-    steps = list(nodes(json.loads(plan)[0]["Plan"]))
-    outbox_reads = [n for n in steps if n.get("Relation Name") == "outbox"]
-    assert [n["Node Type"] for n in outbox_reads] == ["Index Scan"]
-    assert outbox_reads[0]["Actual Rows"] == 1
-    assert not any(n["Node Type"] in ("Merge Join", "Hash Join") for n in steps)
 
 
 def test_a_sqlite_daemon_does_not_load_the_postgresql_driver(tmp_path: Path) -> None:
