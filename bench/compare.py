@@ -3,7 +3,8 @@
 Four targets on 127.0.0.1, one at a time, loaded by the same generators from a separate process:
 
 * ``bare``: ``bench/bare.py``, an aiohttp handler that reads the body and answers 200;
-* ``sqlite``: ``syncd run`` on a fresh SQLite file (WAL, synchronous=FULL);
+* ``sqlite``: ``syncd run`` on a fresh SQLite file (WAL; synchronous=FULL for webhook
+  commits and delivery claims, NORMAL for merges and completions);
 * ``postgresql``: ``syncd run`` on a fresh PostgreSQL database (created, then dropped);
 * ``guide``: the guide's receiver (``bench/peers/guide_receiver.py``, Flask under gunicorn,
   sync workers) pushing to the local Redis, and its worker (``bench/peers/guide_worker.py``)

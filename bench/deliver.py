@@ -405,7 +405,7 @@ class SqliteBackend(Backend):
         ).stdout.split()
         return {
             "journal_mode": "WAL (set by syncd on every connection)",
-            "synchronous": "FULL (set by syncd on every connection)",
+            "synchronous": "FULL for webhook commits and claims, NORMAL for merges and completions",
             "sqlite_version": sqlite3.sqlite_version,
             "directory": str(self.dir),
             "filesystem": " ".join(fs[2:]) if len(fs) > 2 else "?",

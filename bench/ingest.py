@@ -4,7 +4,8 @@ Three targets, each its own process on 127.0.0.1, loaded from a separate process
 
 * ``bare``: ``bench/bare.py``, an aiohttp handler that only reads the body and answers 200,
   the ceiling of this stack;
-* ``sqlite``: ``syncd run`` on a fresh SQLite file (WAL, synchronous=FULL);
+* ``sqlite``: ``syncd run`` on a fresh SQLite file (WAL; synchronous=FULL for webhook
+  commits and delivery claims, NORMAL for merges and completions);
 * ``postgresql``: ``syncd run`` on a freshly created PostgreSQL database.
 
 syncd runs as shipped: its merge and delivery loops work in the same process while it
@@ -564,10 +565,10 @@ class SqliteBackend(Backend):
             return conn.execute(sql).fetchall()
 
     def settings(self) -> dict[str, str]:
-        # synchronous is per connection (syncd sets FULL on each); the WAL mode is persistent.
+        # synchronous is per connection (syncd sets it); the WAL mode is persistent.
         return {
             "journal_mode": str(self.rows("PRAGMA journal_mode")[0][0]),
-            "synchronous": "FULL (set by syncd on every connection)",
+            "synchronous": "FULL for webhook commits and claims, NORMAL for merges and completions",
             "sqlite_version": sqlite3.sqlite_version,
         }
 
