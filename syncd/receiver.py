@@ -22,6 +22,7 @@ from typing import Any
 import structlog
 from aiohttp import web
 
+from syncd import jsoncodec
 from syncd.config import Settings
 from syncd.errors import StoreUnavailable
 from syncd.inbox import GroupCommitter
@@ -131,7 +132,12 @@ class Answer:
         body: dict[str, str] = {"status": self.outcome}
         if self.error is not None:
             body["error"] = self.error
-        return web.json_response(body, status=self.status)
+        return web.Response(
+            body=jsoncodec.dumps_bytes(body),
+            status=self.status,
+            content_type="application/json",
+            charset="utf-8",
+        )
 
 
 def _reject(status: int, outcome: str, error: str) -> Answer:
@@ -150,6 +156,8 @@ class WebhookReceiver:
     ) -> None:
         hooks = settings.webhooks
         self._metrics = metrics or Metrics()
+        #: Labelled children of the webhook counter: looking one up takes a lock each time.
+        self._counters: dict[tuple[str, str], Any] = {}
         self._store = store
         self._committer = committer
         self._secrets = [s.get_secret_value().encode() for s in hooks.signing_secrets]
@@ -190,7 +198,12 @@ class WebhookReceiver:
         named = named or request.match_info.get("message_type")
         # Only known types become label values: a caller must not grow our time series.
         label = named if named in MESSAGE_TYPES else "other"
-        self._metrics.webhooks.labels(label, answer.outcome).inc()
+        counter = self._counters.get((label, answer.outcome))
+        if counter is None:
+            counter = self._counters[label, answer.outcome] = self._metrics.webhooks.labels(
+                label, answer.outcome
+            )
+        counter.inc()
         self._metrics.ingest_seconds.observe(elapsed)
 
     def set_subscriptions(self, subscriptions: Sequence[str]) -> None:
@@ -226,11 +239,18 @@ class WebhookReceiver:
         """The body; or the answer as soon as it is too large, too slow, or cut off."""
         if request.content_length is not None and request.content_length > self._max_body:
             return self._too_large()
+        content = request.content
         chunks: list[bytes] = []
         size = 0
         try:
+            if content.is_eof():
+                # The whole body came with the headers, as a callback almost always does:
+                # take it without a timer and a read loop. The reader stops taking bytes
+                # from the socket near its buffer limit, so what it holds is bounded.
+                body = content.read_nowait()
+                return body if len(body) <= self._max_body else self._too_large()
             async with asyncio.timeout(BODY_TIMEOUT):
-                async for chunk in request.content.iter_chunked(_READ_CHUNK):
+                async for chunk in content.iter_chunked(_READ_CHUNK):
                     size += len(chunk)
                     if size > self._max_body:
                         return self._too_large()

@@ -382,6 +382,25 @@ async def test_oversized_chunked_body_413(client: Client) -> None:
     assert await stored(client) == []
 
 
+async def test_whole_chunked_body_over_the_limit_413(
+    make_client: Callable[..., Awaitable[Client]],
+) -> None:
+    """A body without Content-Length that arrives whole, past a small limit, is still 413."""
+    client = await make_client(server={"max_body_bytes": 1024})
+    body = b'{"message_type": "orderEvent", "data": ["' + b"x" * 3000 + b'"]}'
+
+    async def whole() -> AsyncIterator[bytes]:
+        yield body
+
+    response = await client.post(
+        PATH,
+        data=whole(),
+        headers={"Content-Type": "application/json", "X-MasonHub-Signature": sign(body, SECRET)},
+    )
+    assert (response.status, (await response.json())["status"]) == (413, "too_large")
+    assert await stored(client) == []
+
+
 @pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", ""])
 async def test_wrong_content_type_415(client: Client, content_type: str) -> None:
     """A body that is not declared JSON is 415."""
