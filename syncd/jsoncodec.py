@@ -1,11 +1,13 @@
-"""JSON for the hot paths (entity state in the store, ERP bodies, log lines): orjson, with the
-standard library behind it for what orjson refuses.
+"""JSON for the hot paths (entity state in the store, ERP bodies, log lines): orjson writes,
+with the standard library behind it for what orjson refuses; the standard library reads.
 
-orjson encodes and decodes several times faster than ``json``, which shows in every delivery
-(its state read from the store, its body encoded, its log line). It refuses a few values that
-``json`` takes: integers beyond 64 bits, lone surrogates, non-string keys, ``NaN`` in a
-document. Those go through ``json`` exactly as before, so no value that stored or sent before
-fails now.
+orjson encodes several times faster than ``json``, which shows in every delivery (its state
+written by the merge, its ERP body, its log line). It refuses a few values that ``json``
+takes: integers beyond 64 bits, lone surrogates, non-string keys. Those go through ``json``
+exactly as before, so no value that stored or sent before fails now.
+
+Reading stays with ``json``: orjson reads an integer beyond 64 bits as a float, so a 30-digit
+number in an order would reach the ERP changed, and nothing would say so.
 """
 
 from __future__ import annotations
@@ -34,8 +36,5 @@ def dumps_bytes(value: Any, default: Default = None) -> bytes:
 
 
 def loads(data: str | bytes) -> Any:
-    """A JSON document; ``json``'s reading where orjson refuses it (``NaN``, a huge integer)."""
-    try:
-        return orjson.loads(data)
-    except orjson.JSONDecodeError:
-        return json.loads(data)
+    """A JSON document, every integer exact (see the module's docstring)."""
+    return json.loads(data)

@@ -51,6 +51,14 @@ def test_documents_orjson_refuses_are_read_by_the_standard_library() -> None:
     assert jsoncodec.loads(str(2**70)) == 2**70
 
 
+@pytest.mark.parametrize("number", [10**30, -(2**63) - 1, 2**64 + 1, -(10**40)])
+def test_integers_beyond_64_bits_come_back_exact(number: int) -> None:
+    """A state holding a huge integer is read back as that integer, not a float near it."""
+    back = jsoncodec.loads(jsoncodec.dumps_bytes({"n": number}))["n"]
+    assert type(back) is int
+    assert back == number
+
+
 def test_default_is_applied_and_its_refusal_is_a_type_error() -> None:
     """A ``default`` turns unknown objects into JSON; one it refuses raises TypeError."""
     proxy = MappingProxyType({"a": 1})

@@ -134,6 +134,19 @@ async def test_fulfilled_order_reaches_erp_once_with_both_tracking_numbers(
     assert call.headers["Idempotency-Key"] == "order:129374:r1"
 
 
+async def test_a_huge_integer_reaches_the_erp_exactly(harness: HarnessFactory) -> None:
+    """An integer beyond 64 bits in an order is delivered as that integer, not a float."""
+    h = await harness()
+    huge = 123456789012345678901234567890
+    await h.send(order("BIG-1", "packed", id=huge))
+    await h.settled()
+    await h.send(order("BIG-1", "fulfilled", "1ZB", id=huge))
+    await h.settled()
+    calls = h.erp.calls_to("/api/orders/BIG-1")
+    assert [c.body["status"] for c in calls] == ["packed", "fulfilled"]
+    assert [c.body["masonhub_id"] for c in calls] == [huge, huge]
+
+
 async def test_late_packed_never_follows_fulfilled(harness: HarnessFactory) -> None:
     """fulfilled, then a late packed: the ERP never sees packed after fulfilled."""
     h = await harness()
