@@ -188,6 +188,32 @@ def test_run_refuses_newer_schema(tmp_path: Path) -> None:
     assert "newer than this syncd" in result.stderr
 
 
+def test_run_shortens_the_gil_switch_interval(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The daemon runs with a 1 ms GIL switch interval, so the event loop waits less for
+    the store thread; other commands keep Python's default."""
+    from syncd import cli
+
+    seen: list[float] = []
+
+    async def serve(*_args: object, **_kwargs: object) -> None:
+        seen.append(sys.getswitchinterval())
+
+    monkeypatch.setattr("syncd.app.serve", serve)
+    monkeypatch.setattr(cli, "configure_logging", lambda **_kwargs: None)
+    before = sys.getswitchinterval()
+    path = write_config(tmp_path / "c.toml", tmp_path / "s.db")
+    try:
+        assert cli.main(["check-config", "--config", str(path)]) == 0
+        assert sys.getswitchinterval() == before
+        assert cli.main(["run", "--config", str(path)]) == 0
+    finally:
+        sys.setswitchinterval(before)
+    assert seen == [pytest.approx(cli.SWITCH_INTERVAL)]
+    assert before > cli.SWITCH_INTERVAL
+
+
 def test_run_refuses_unauthenticated(tmp_path: Path) -> None:
     """run without any webhook authentication configured exits 2."""
     path = tmp_path / "c.toml"

@@ -134,7 +134,8 @@ def no_linger() -> None:
 
 def switch_1ms() -> None:
     """The GIL switch interval at 1 ms instead of 5 ms: the event loop thread waits less for
-    the GIL while the SQLite store thread runs a transaction."""
+    the GIL while the SQLite store thread runs a transaction. ``syncd run`` does this itself
+    since 2026-12-05 (syncd.cli.SWITCH_INTERVAL); the patch matters only with ``--rev`` older."""
     import sys
 
     sys.setswitchinterval(0.001)
