@@ -56,6 +56,35 @@ async def test_merge_yields_to_ingest_only_while_commits_are_busy(busy: bool) ->
     assert (waited >= 0.3) if busy else (waited < 0.2)
 
 
+class BacklogInbox:
+    """A store with ``pending`` messages waiting; it records the limit of every merge pass."""
+
+    def __init__(self, pending: int) -> None:
+        self.pending = pending
+        self.limits: list[int] = []
+
+    async def process_inbox(self, limit: int = 200) -> ProcessResult:
+        self.limits.append(limit)
+        taken = min(limit, self.pending)
+        self.pending -= taken
+        return ProcessResult(messages=taken)
+
+
+@pytest.mark.parametrize("busy", [False, True])
+async def test_merge_takes_small_batches_while_commits_are_busy(busy: bool) -> None:
+    """A backlog is merged 200 at a time when the committer is idle, and at most
+    BUSY_BATCH at a time while webhooks are being committed; all of it either way."""
+    from syncd.merge import BUSY_BATCH
+
+    store = BacklogInbox(500)
+    merger = Merger(store, busy=lambda: busy, batch=200)
+    assert await merger.drain_once() == 500
+    assert store.pending == 0
+    expected = BUSY_BATCH if busy else 200
+    assert set(store.limits) == {expected}
+    assert len(store.limits) == 500 // expected + 1
+
+
 def claim(n: int) -> ClaimedDelivery:
     return ClaimedDelivery(n, n, "inventory", f"S-{n}", {}, "h", 1, "webhook", 0, 0)
 

@@ -197,7 +197,8 @@ def commits_first() -> None:
 
 def merge_small() -> None:
     """While webhook commits are busy the merge takes at most 32 messages per transaction
-    (200 otherwise), so a commit never waits behind a long merge."""
+    (200 otherwise), so a commit never waits behind a long merge. syncd does this itself
+    since 2026-12-05 (syncd.merge.BUSY_BATCH); the patch matters only with an older ``--rev``."""
     from syncd import merge
 
     async def drain_once(self: Any) -> int:
