@@ -19,7 +19,7 @@ from syncd.erp import ErpAdapter, load_adapter
 from syncd.errors import StoreUnavailable, SyncdError
 from syncd.inbox import GroupCommitter
 from syncd.masonhub import MasonHubClient
-from syncd.merge import Merger
+from syncd.merge import BUSY_BATCH, Merger
 from syncd.metrics import Metrics
 from syncd.notify import Notifier
 from syncd.poller import Poller, PollScheduler, polling_problem
@@ -138,8 +138,10 @@ def create_app(
         store,
         on_queued=deliverer.notify,
         on_snapshot=on_snapshot,
-        # While webhooks are being committed the merge waits a little (MERGE_LINGER).
+        # While webhooks are being committed the merge waits a little (MERGE_LINGER) and, on
+        # SQLite, where it shares the store thread with the commits, takes less at a time.
         busy=lambda: committer.busy,
+        busy_batch=BUSY_BATCH if store.dialect == "sqlite" else None,
     )
     committer = GroupCommitter(store, on_commit=merger.notify)
     app[RECEIVER] = WebhookReceiver(settings, store, committer, metrics)

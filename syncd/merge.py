@@ -27,11 +27,12 @@ log = structlog.get_logger(__name__)
 #: the write lock and the one core go to acknowledgements first, and the pass that follows
 #: takes everything committed meanwhile in one transaction instead of one per commit.
 MERGE_LINGER = 0.05
-#: Most messages one merge transaction takes while webhooks are being committed. The merge
-#: runs on the store thread that also commits the inbox: a commit queued behind a 200-message
-#: merge waits for all of it (about 20 ms), behind 32 a few ms. Measured at 2,274 webhooks/s
-#: on SQLite (bench/RESULTS.md): ack p99 43 -> 20 ms (medians of six pairs), the same
-#: deliveries.
+#: Most messages one merge transaction takes on SQLite while webhooks are being committed.
+#: There the merge runs on the store thread that also commits the inbox: a commit queued
+#: behind a 200-message merge waits for all of it (about 20 ms), behind 32 a few ms. Measured
+#: at 2,274 webhooks/s (bench/RESULTS.md): ack p99 43 -> 20 ms (medians of six pairs), the
+#: same deliveries. PostgreSQL merges on a connection of its own, beside the commits; there
+#: smaller passes only make more transactions, and deliveries fell behind.
 BUSY_BATCH = 32
 
 
@@ -155,11 +156,14 @@ class Merger:
         idle_poll: float = 1.0,
         busy: Callable[[], bool] | None = None,
         linger: float | None = None,
+        busy_batch: int | None = None,
     ) -> None:
         self._store = store
         #: True while webhook commits are queued or in progress (the receiver is busy).
         self._busy = busy
         self._linger = MERGE_LINGER if linger is None else linger
+        #: Most messages per transaction while busy (None: ``batch`` always).
+        self._busy_batch = busy_batch
         self._on_queued = on_queued
         self._on_snapshot = on_snapshot
         self._batch = batch
@@ -190,12 +194,13 @@ class Merger:
     async def drain_once(self) -> int:
         """Merge pending messages until none are left; returns how many were processed.
 
-        While webhooks are being committed each transaction takes at most BUSY_BATCH.
+        While webhooks are being committed each transaction takes at most ``busy_batch``.
         """
         total = 0
         while True:
-            busy = self._busy is not None and self._busy()
-            limit = min(self._batch, BUSY_BATCH) if busy else self._batch
+            limit = self._batch
+            if self._busy_batch is not None and self._busy is not None and self._busy():
+                limit = min(limit, self._busy_batch)
             result = await self._store.process_inbox(limit=limit)
             total += int(result.messages)
             if result.queued and self._on_queued is not None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -77,12 +78,25 @@ async def test_merge_takes_small_batches_while_commits_are_busy(busy: bool) -> N
     from syncd.merge import BUSY_BATCH
 
     store = BacklogInbox(500)
-    merger = Merger(store, busy=lambda: busy, batch=200)
+    merger = Merger(store, busy=lambda: busy, batch=200, busy_batch=BUSY_BATCH)
     assert await merger.drain_once() == 500
     assert store.pending == 0
     expected = BUSY_BATCH if busy else 200
     assert set(store.limits) == {expected}
     assert len(store.limits) == 500 // expected + 1
+
+
+def test_only_the_sqlite_merge_takes_small_batches_while_busy(tmp_path: Path) -> None:
+    """On SQLite the merge shares the store thread with the commits and takes BUSY_BATCH
+    while busy; on PostgreSQL it has a connection of its own and keeps its full batch."""
+    from syncd.app import MERGER, create_app
+    from syncd.merge import BUSY_BATCH
+    from tests.conftest import make_settings
+
+    sqlite_app = create_app(make_settings(f"sqlite+aiosqlite:///{tmp_path / 's.db'}"))
+    pg_app = create_app(make_settings("postgresql+asyncpg://postgres@127.0.0.1/unused"))
+    assert sqlite_app[MERGER]._busy_batch == BUSY_BATCH
+    assert pg_app[MERGER]._busy_batch is None
 
 
 def claim(n: int) -> ClaimedDelivery:
