@@ -156,8 +156,6 @@ class WebhookReceiver:
     ) -> None:
         hooks = settings.webhooks
         self._metrics = metrics or Metrics()
-        #: Labelled children of the webhook counter: looking one up takes a lock each time.
-        self._counters: dict[tuple[str, str], Any] = {}
         self._store = store
         self._committer = committer
         self._secrets = [s.get_secret_value().encode() for s in hooks.signing_secrets]
@@ -198,12 +196,7 @@ class WebhookReceiver:
         named = named or request.match_info.get("message_type")
         # Only known types become label values: a caller must not grow our time series.
         label = named if named in MESSAGE_TYPES else "other"
-        counter = self._counters.get((label, answer.outcome))
-        if counter is None:
-            counter = self._counters[label, answer.outcome] = self._metrics.webhooks.labels(
-                label, answer.outcome
-            )
-        counter.inc()
+        self._metrics.webhooks.labels(label, answer.outcome).inc()
         self._metrics.ingest_seconds.observe(elapsed)
 
     def set_subscriptions(self, subscriptions: Sequence[str]) -> None:
