@@ -6,7 +6,10 @@ Three targets, each its own process on 127.0.0.1, loaded from a separate process
   the ceiling of this stack;
 * ``sqlite``: ``syncd run`` on a fresh SQLite file (WAL; synchronous=FULL for webhook
   commits and delivery claims, NORMAL for merges and completions);
-* ``postgresql``: ``syncd run`` on a freshly created PostgreSQL database.
+* ``postgresql``: ``syncd run`` on a freshly created PostgreSQL database;
+* ``floor`` (with ``--floor``): ``bench/floor.py``, the least an authenticated, durable inbox
+  does on this stack (HMAC, JSON, a group-committed SQLite row, a log line), on a fresh
+  SQLite file: what any implementation could reach, set beside syncd.
 
 syncd runs as shipped: its merge and delivery loops work in the same process while it
 receives, delivering to ``bench/bare.py --erp-sink``, a local ERP that accepts every PUT.
@@ -577,6 +580,15 @@ class SqliteBackend(Backend):
             Path(f"{self.path}{suffix}").unlink(missing_ok=True)
 
 
+class FloorBackend(SqliteBackend):
+    """bench/floor.py's SQLite file: an inbox table only, every commit FULL."""
+
+    name = "floor"
+
+    def settings(self) -> dict[str, str]:
+        return {**super().settings(), "synchronous": "FULL"}
+
+
 class PostgresBackend(Backend):
     name = "postgresql"
 
@@ -679,6 +691,8 @@ class Run:
         backend: Backend
         if kind == "sqlite":
             backend = SqliteBackend(self.scratch / f"{label}.db")
+        elif kind == "floor":
+            backend = FloorBackend(self.scratch / f"{label}.db")
         else:
             backend = PostgresBackend(self.args.pg_dsn, label)
         self.stack.callback(backend.drop)
@@ -696,7 +710,18 @@ class Run:
         return target
 
     def syncd(self, backend: Backend, label: str) -> Target:
-        """``syncd run`` on ``backend``, delivering to the ERP sink; stopped at the end."""
+        """``syncd run`` on ``backend``, delivering to the ERP sink; stopped at the end.
+
+        For the floor backend, bench/floor.py on its file instead.
+        """
+        if isinstance(backend, FloorBackend):
+            port = free_port()
+            argv = [str(PYTHON), str(BENCH / "floor.py"), f"--port={port}"]
+            argv += [f"--db={backend.path}", f"--path={WEBHOOK_PATH}"]
+            target = Target(label, argv, self.scratch / f"{label}.log")
+            self.stack.callback(target.stop)
+            target.start(port)
+            return target
         assert self.erp is not None
         port, admin = free_port(), free_port()
         config = self.scratch / f"{label}.toml"
@@ -940,6 +965,8 @@ def execute(run: Run) -> None:
     bare_rps = targets["bare"]["max"]["responses_per_s"]
     run.erp = run.bare("--erp-sink")
     kinds = ["sqlite"] if run.args.no_postgres else ["sqlite", "postgresql"]
+    if run.args.floor:
+        kinds.append("floor")
     for kind in kinds:
         targets[kind] = attempts(run, kind, partial(bench_syncd_max, run, kind, bare_rps))
     rate = run.args.rate or round(run.args.fraction * targets["sqlite"]["max"]["accepted_per_s"])
@@ -1032,12 +1059,20 @@ def verdicts(results: dict[str, Any]) -> list[str]:
     ratio = sqlite["max"]["accepted_per_s"] / bare["max"]["accepted_per_s"]
     per_cpu = _per_cpu(sqlite["max"]) / _per_cpu(bare["max"])
     p99 = sqlite["fixed"]["latency_ms"]["p99"]
-    return [
+    lines = [
         f"- SQLite >= 40% of bare's throughput: {100 * ratio:.1f}% "
         f"({100 * per_cpu:.1f}% per server CPU-second), " + ("met" if ratio >= 0.40 else "NOT met"),
         f"- SQLite p99 < 25 ms at half its maximum: {p99:.2f} ms, "
         + ("met" if p99 < 25 else "NOT met"),
     ]
+    if "floor" in targets:
+        floor = targets["floor"]["max"]
+        lines.append(
+            f"- (the floor, bench/floor.py: "
+            f"{100 * floor['accepted_per_s'] / bare['max']['accepted_per_s']:.1f}% of bare, "
+            f"{100 * _per_cpu(floor) / _per_cpu(bare['max']):.1f}% per server CPU-second)"
+        )
+    return lines
 
 
 def noisy_runs(results: dict[str, Any]) -> list[str]:
@@ -1105,6 +1140,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="admin DSN; fresh databases are created beside it and dropped",
     )
     parser.add_argument("--no-postgres", action="store_true", help="skip PostgreSQL")
+    parser.add_argument(
+        "--floor", action="store_true", help="also measure bench/floor.py, the stack's floor"
+    )
     parser.add_argument(
         "--profile", action="store_true", help="py-spy on syncd during its measured runs"
     )
