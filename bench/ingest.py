@@ -85,6 +85,7 @@ EXPERIMENTS = (
     "switch-1ms",
     "merge-small",
     "commits-first",
+    "uvloop",
 )
 #: A phase is "quiet" when processes that are not ours use less than this % of a core.
 QUIET_LIMIT = 10.0

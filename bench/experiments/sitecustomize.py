@@ -218,7 +218,15 @@ def merge_small() -> None:
     merge.Merger.drain_once = drain_once  # type: ignore[method-assign]
 
 
+def use_uvloop() -> None:
+    """uvloop's event loop instead of asyncio's default (needs ``pip install uvloop``)."""
+    import uvloop
+
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
 PATCHES: dict[str, Callable[[], None]] = {
+    "uvloop": use_uvloop,
     "merge-small": merge_small,
     "commits-first": commits_first,
     "ingest-only": ingest_only,
