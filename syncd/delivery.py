@@ -31,6 +31,7 @@ from syncd.batching import Batcher
 from syncd.config import ErpSettings
 from syncd.erp import Delivery, ErpAdapter
 from syncd.errors import DeliveryError, PermanentDeliveryError, StoreUnavailable
+from syncd.logs import log_line
 from syncd.merge import stop_task
 from syncd.metrics import Metrics
 from syncd.store import ClaimedDelivery, Completion, SqlStore
@@ -249,15 +250,18 @@ class Deliverer:
             return
         self._metrics.deliveries.labels(claim.entity_type, "delivered").inc()
         self._metrics.erp_seconds.labels(claim.entity_type).observe(result.elapsed)
-        log.info(
+        log_line(
             "delivery.delivered",
-            entity_type=claim.entity_type,
-            entity_key=claim.entity_key,
-            idempotency_key=claim.idempotency_key,
-            status=result.status,
-            attempt=claim.attempts + 1,
-            latency_ms=round(result.elapsed * 1000, 3),
-            source=claim.source,
+            "info",
+            {
+                "entity_type": claim.entity_type,
+                "entity_key": claim.entity_key,
+                "idempotency_key": claim.idempotency_key,
+                "status": result.status,
+                "attempt": claim.attempts + 1,
+                "latency_ms": round(result.elapsed * 1000, 3),
+                "source": claim.source,
+            },
         )
         # Completions from concurrent workers share one transaction, and the worker's slot is
         # free as soon as the ERP has answered: the row keeps its lease until the completion

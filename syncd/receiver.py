@@ -19,13 +19,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-import structlog
 from aiohttp import web
 
 from syncd import jsoncodec
 from syncd.config import Settings
 from syncd.errors import StoreUnavailable
 from syncd.inbox import GroupCommitter
+from syncd.logs import log_line
 from syncd.messages import (
     MAX_TYPE_LENGTH,
     MESSAGE_TYPES,
@@ -36,8 +36,6 @@ from syncd.messages import (
 )
 from syncd.metrics import Metrics
 from syncd.store import NewMessage, QuarantinedBody, SqlStore
-
-log = structlog.get_logger(__name__)
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -370,9 +368,9 @@ def _log_answer(
     if answer.error is not None:
         fields["error"] = answer.error
     if answer.status < 300:
-        log.info("webhook.accepted", **fields)
+        log_line("webhook.accepted", "info", fields)
     else:
-        log.warning("webhook.rejected", **fields)
+        log_line("webhook.rejected", "warning", fields)
 
 
 def add_routes(app: web.Application, settings: Settings, receiver: WebhookReceiver) -> None:

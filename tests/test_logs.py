@@ -5,12 +5,15 @@ from __future__ import annotations
 import io
 import json
 import logging
+import re
+import threading
+import time
 from collections.abc import Iterator
 
 import pytest
 import structlog
 
-from syncd.logs import REDACTED, configure_logging
+from syncd.logs import REDACTED, configure_logging, log_line
 
 TOKEN = "erp-token-0123456789"
 #: A secret that JSON must escape: a quote, a backslash, a non-ASCII character.
@@ -71,3 +74,86 @@ def test_short_values_are_not_treated_as_secrets(stream: io.StringIO) -> None:
     """A secret under four characters would blank innocent text; the config refuses those."""
     structlog.get_logger("t").info("x", word="abcdef")
     assert lines(stream)[0]["word"] == "abcdef"
+
+
+def test_log_line_writes_what_structlog_writes(stream: io.StringIO) -> None:
+    """The receiver's fast line has structlog's keys, values and timestamp form."""
+    fields = {"outcome": "received", "status": 200, "latency_ms": 1.5}
+    structlog.get_logger("t").info("webhook.accepted", **fields)
+    log_line("webhook.accepted", "info", dict(fields))
+    slow, fast = lines(stream)
+    assert slow.keys() == fast.keys()
+    assert {k: v for k, v in slow.items() if k != "timestamp"} == {
+        k: v for k, v in fast.items() if k != "timestamp"
+    }
+    for line in (slow, fast):
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", str(line["timestamp"]))
+
+
+def test_log_line_blanks_a_secret(stream: io.StringIO) -> None:
+    """A caller-chosen value (a message id, a path) holding a secret is blanked too."""
+    log_line("webhook.rejected", "warning", {"message_id": f"id-{TOKEN}", "path": f"/{AWKWARD}"})
+    text = stream.getvalue()
+    assert TOKEN not in text
+    assert "caf" not in text
+    (line,) = lines(stream)
+    assert line["message_id"] == f"id-{REDACTED}"
+    assert line["level"] == "warning"
+
+
+def test_log_line_honours_the_level() -> None:
+    """A debug line is written only when debug logging is on."""
+    for debug, expected in ((False, 0), (True, 1)):
+        out = io.StringIO()
+        configure_logging(debug=debug, stream=out, cache=False)
+        try:
+            log_line("x.detail", "debug", {"n": 1})
+        finally:
+            structlog.reset_defaults()
+            logging.getLogger().handlers.clear()
+        assert len(out.getvalue().splitlines()) == expected
+
+
+def test_log_line_without_configuration_goes_through_structlog(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Before configure_logging (or after a reset) nothing is lost: structlog writes it."""
+    configure_logging(stream=io.StringIO(), cache=False)
+    structlog.reset_defaults()
+    logging.getLogger().handlers.clear()
+    log_line("webhook.accepted", "info", {"message_id": "m-1"})
+    assert "m-1" in capsys.readouterr().out
+
+
+class _YieldingStream(io.StringIO):
+    """A stream that lets other threads run in the middle of each write, as a pipe may."""
+
+    def write(self, text: str) -> int:
+        middle = len(text) // 2
+        super().write(text[:middle])
+        time.sleep(0)
+        return super().write(text[middle:])
+
+
+def test_lines_from_many_threads_are_never_mixed() -> None:
+    """structlog, library (stdlib) and fast lines written at once from several threads each
+    come out whole, one JSON object a line, even when the stream lets threads in mid-write."""
+    out = _YieldingStream()
+    configure_logging(stream=out, cache=False)
+
+    def write(n: int) -> None:
+        for i in range(100):
+            structlog.get_logger("t").info("a", n=n, i=i)
+            logging.getLogger("lib").warning("b %s %s", n, i)
+            log_line("c", "info", {"n": n, "i": i})
+
+    threads = [threading.Thread(target=write, args=(n,)) for n in range(4)]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        structlog.reset_defaults()
+        logging.getLogger().handlers.clear()
+    assert len(lines(out)) == 4 * 100 * 3

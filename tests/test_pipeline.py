@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import io
+import json
+import logging
 import random
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
@@ -10,6 +13,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+import structlog
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
@@ -17,6 +21,7 @@ from syncd.app import DELIVERER, STORE, create_app
 from syncd.config import ErpSettings
 from syncd.delivery import Deliverer
 from syncd.errors import TransientDeliveryError
+from syncd.logs import configure_logging
 from syncd.store import ClaimedDelivery, OutboxState, SqlStore
 from syncd.testing import ErpCall, LocalErp, dumps, envelope, sign
 from tests.conftest import SECRET, make_settings
@@ -145,6 +150,32 @@ async def test_a_huge_integer_reaches_the_erp_exactly(harness: HarnessFactory) -
     calls = h.erp.calls_to("/api/orders/BIG-1")
     assert [c.body["status"] for c in calls] == ["packed", "fulfilled"]
     assert [c.body["masonhub_id"] for c in calls] == [huge, huge]
+
+
+async def test_a_webhook_logs_one_line_in_and_one_line_out(harness: HarnessFactory) -> None:
+    """Received and delivered, a webhook leaves one line for each, naming it, with no
+    secret: what an operator greps for when an order is asked about."""
+    out = io.StringIO()
+    configure_logging(secrets=[SECRET, "erp-secret-token"], stream=out, cache=False)
+    try:
+        h = await harness()
+        await h.send(order("LOG-1", "fulfilled", "1ZLOG"))
+        await h.settled()
+    finally:
+        structlog.reset_defaults()
+        logging.getLogger().handlers.clear()
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    [received] = [line for line in lines if line["event"] == "webhook.accepted"]
+    [delivered] = [line for line in lines if line["event"] == "delivery.delivered"]
+    assert received["message_id"] == "LOG-1-fulfilled-1"
+    assert received["outcome"] == "received"
+    assert delivered["entity_type"] == "order"
+    assert delivered["entity_key"] == "LOG-1"
+    assert delivered["idempotency_key"] == "order:LOG-1:r1"
+    assert (delivered["status"], delivered["attempt"], delivered["source"]) == (200, 1, "webhook")
+    assert delivered["level"] == "info"
+    assert isinstance(delivered["latency_ms"], float)
+    assert "erp-secret-token" not in out.getvalue()
 
 
 async def test_late_packed_never_follows_fulfilled(harness: HarnessFactory) -> None:
