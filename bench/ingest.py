@@ -86,6 +86,8 @@ EXPERIMENTS = (
     "merge-small",
     "commits-first",
     "uvloop",
+    "no-access-log",
+    "lean-access-log",
 )
 #: A phase is "quiet" when processes that are not ours use less than this % of a core.
 QUIET_LIMIT = 10.0

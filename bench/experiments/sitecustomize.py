@@ -218,6 +218,49 @@ def merge_small() -> None:
     merge.Merger.drain_once = drain_once  # type: ignore[method-assign]
 
 
+def no_access_log() -> None:
+    """The receiver writes no line per request (what the access log costs)."""
+    from syncd import receiver
+
+    receiver._log_answer = lambda *_args, **_kwargs: None
+
+
+def lean_access_log() -> None:
+    """The receiver's line per request written straight with orjson, past structlog."""
+    import sys
+    from datetime import UTC, datetime
+
+    import orjson
+
+    from syncd import receiver
+
+    def log_answer(answer: Any, request: Any, remote: Any, elapsed: float) -> None:
+        first = answer.messages[0] if answer.messages else None
+        fields: dict[str, Any] = {
+            "outcome": answer.outcome,
+            "status": answer.status,
+            "path": request.path,
+            "remote": None if remote is None else str(remote),
+            "latency_ms": round(elapsed * 1000, 3),
+        }
+        if first is not None:
+            fields.update(
+                message_type=first.message_type,
+                message_id=first.message_id,
+                messages=len(answer.messages),
+                new=answer.new,
+                duplicates=answer.duplicates,
+                ignored=answer.ignored,
+            )
+        fields["event"] = "webhook.accepted" if answer.status < 300 else "webhook.rejected"
+        fields["level"] = "info"
+        fields["timestamp"] = datetime.now(UTC).isoformat().replace("+00:00", "Z")
+        sys.stdout.write(orjson.dumps(fields).decode() + "\n")
+        sys.stdout.flush()
+
+    receiver._log_answer = log_answer
+
+
 def use_uvloop() -> None:
     """uvloop's event loop instead of asyncio's default (needs ``pip install uvloop``)."""
     import uvloop
@@ -227,6 +270,8 @@ def use_uvloop() -> None:
 
 PATCHES: dict[str, Callable[[], None]] = {
     "uvloop": use_uvloop,
+    "no-access-log": no_access_log,
+    "lean-access-log": lean_access_log,
     "merge-small": merge_small,
     "commits-first": commits_first,
     "ingest-only": ingest_only,
