@@ -136,7 +136,8 @@ def log_line(event: str, level: str, fields: dict[str, Any]) -> None:
     fields["event"] = event
     fields["level"] = level
     fields["timestamp"] = datetime.now(UTC).isoformat().replace("+00:00", "Z")
-    lines.sink.write(lines.redactor(None, level, jsoncodec.dumps(fields)))
+    # A value JSON cannot hold is written as its repr, as structlog's renderer does.
+    lines.sink.write(lines.redactor(None, level, jsoncodec.dumps(fields, default=repr)))
 
 
 def configure_logging(

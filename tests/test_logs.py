@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import ipaddress
 import json
 import logging
 import re
@@ -99,6 +100,14 @@ def test_log_line_blanks_a_secret(stream: io.StringIO) -> None:
     (line,) = lines(stream)
     assert line["message_id"] == f"id-{REDACTED}"
     assert line["level"] == "warning"
+
+
+def test_log_line_writes_a_value_json_cannot_hold_as_its_repr(stream: io.StringIO) -> None:
+    """As structlog's renderer does: a log line never fails the request it describes."""
+    log_line("x", "info", {"remote": ipaddress.ip_address("10.0.0.7")})
+    structlog.get_logger("t").info("x", remote=ipaddress.ip_address("10.0.0.7"))
+    fast, slow = lines(stream)
+    assert fast["remote"] == slow["remote"] == "IPv4Address('10.0.0.7')"
 
 
 def test_log_line_honours_the_level() -> None:
