@@ -13,14 +13,15 @@ import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, TextIO
+from typing import Any, Literal, TextIO
 
 import structlog
 
 from syncd import jsoncodec
 
 REDACTED = "[redacted]"
-_LEVELS = {
+Level = Literal["debug", "info", "warning", "error"]
+_LEVELS: dict[str, int] = {
     "debug": logging.DEBUG,
     "info": logging.INFO,
     "warning": logging.WARNING,
@@ -112,27 +113,44 @@ class _Lines:
     sink: LineSink
     redactor: SecretRedactor
     level: int
+    #: structlog's logger factory as configured with these.
+    factory: Any
+
+    def in_use(self) -> bool:
+        """True while structlog still has this set-up: nothing (a reset, capture_logs,
+        another configure) replaced its logger factory or its processors."""
+        config = structlog.get_config()
+        processors = config["processors"]
+        return (
+            config["logger_factory"] is self.factory
+            and bool(processors)
+            and processors[-1] is self.redactor
+        )
 
 
 _lines: _Lines | None = None
 
 
-def log_line(event: str, level: str, fields: dict[str, Any]) -> None:
+def log_line(event: str, level: Level, fields: dict[str, Any]) -> None:
     """Log ``fields`` as ``event``: the line structlog writes, without its processor chain.
 
     For the lines written per webhook (received, delivered). Measured in the running daemon
     at full load, the receiver's line took 45-55 µs of CPU through structlog and 21-24 µs
     this way, and the daemon accepted 1.14-1.27 times the webhooks per second
     (bench/RESULTS.md). The line has the same keys, timestamp and redaction, and goes to the
-    same stream. ``fields`` gains the ``event``, ``level`` and ``timestamp`` keys. Before
-    configure_logging (or after structlog was reset) it goes through structlog.
+    same stream. ``fields`` gains the ``event``, ``level`` and ``timestamp`` keys, and any
+    context variables bound with structlog. Whenever structlog is not set up as
+    configure_logging left it (before it, after a reset, inside ``capture_logs``) the line
+    goes through structlog.
     """
     lines = _lines
-    if lines is None or not structlog.is_configured():
+    if lines is None or not lines.in_use():
         getattr(structlog.get_logger("syncd"), level)(event, **fields)
         return
     if _LEVELS[level] < lines.level:
         return
+    for key, value in structlog.contextvars.get_contextvars().items():
+        fields.setdefault(key, value)
     fields["event"] = event
     fields["level"] = level
     fields["timestamp"] = datetime.now(UTC).isoformat().replace("+00:00", "Z")
@@ -166,13 +184,17 @@ def configure_logging(
     ]
     sink = LineSink(stream or sys.stdout)
     logger = _SinkLogger(sink)
+
+    def factory(*_args: Any) -> _SinkLogger:
+        return logger
+
     structlog.configure(
         processors=[*shared, *renderer],
         wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=lambda *_args: logger,
+        logger_factory=factory,
         cache_logger_on_first_use=cache,
     )
-    _lines = _Lines(sink, redactor, level)
+    _lines = _Lines(sink, redactor, level, factory)
     # Libraries (APScheduler, alembic, aiohttp) log through the stdlib: same format.
     handler = _SinkHandler(sink)
     handler.setFormatter(

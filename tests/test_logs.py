@@ -78,17 +78,20 @@ def test_short_values_are_not_treated_as_secrets(stream: io.StringIO) -> None:
 
 
 def test_log_line_writes_what_structlog_writes(stream: io.StringIO) -> None:
-    """The receiver's fast line has structlog's keys, values and timestamp form."""
+    """The receiver's fast line has structlog's keys, values and timestamp form, context
+    variables included."""
     fields = {"outcome": "received", "status": 200, "latency_ms": 1.5}
-    structlog.get_logger("t").info("webhook.accepted", **fields)
-    log_line("webhook.accepted", "info", dict(fields))
+    with structlog.contextvars.bound_contextvars(request_id="r-1"):
+        structlog.get_logger("t").info("webhook.accepted", **fields)
+        log_line("webhook.accepted", "info", dict(fields))
     slow, fast = lines(stream)
     assert slow.keys() == fast.keys()
     assert {k: v for k, v in slow.items() if k != "timestamp"} == {
         k: v for k, v in fast.items() if k != "timestamp"
     }
     for line in (slow, fast):
-        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", str(line["timestamp"]))
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{6})?Z", str(line["timestamp"]))
+        assert line["request_id"] == "r-1"
 
 
 def test_log_line_blanks_a_secret(stream: io.StringIO) -> None:
@@ -142,6 +145,14 @@ class _YieldingStream(io.StringIO):
         super().write(text[:middle])
         time.sleep(0)
         return super().write(text[middle:])
+
+
+def test_log_line_follows_structlog_when_it_is_set_up_again(stream: io.StringIO) -> None:
+    """Inside capture_logs (or any later configure) the line goes where structlog's go."""
+    with structlog.testing.capture_logs() as captured:
+        log_line("webhook.accepted", "info", {"message_id": "m-2"})
+    assert captured == [{"message_id": "m-2", "event": "webhook.accepted", "log_level": "info"}]
+    assert stream.getvalue() == ""
 
 
 def test_lines_from_many_threads_are_never_mixed() -> None:
