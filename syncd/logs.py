@@ -13,7 +13,7 @@ import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Literal, TextIO
+from typing import Any, Literal, TextIO, get_args
 
 import structlog
 
@@ -21,12 +21,7 @@ from syncd import jsoncodec
 
 REDACTED = "[redacted]"
 Level = Literal["debug", "info", "warning", "error"]
-_LEVELS: dict[str, int] = {
-    "debug": logging.DEBUG,
-    "info": logging.INFO,
-    "warning": logging.WARNING,
-    "error": logging.ERROR,
-}
+_LEVELS = {name: logging.getLevelNamesMapping()[name.upper()] for name in get_args(Level)}
 
 
 class SecretRedactor:
@@ -113,16 +108,19 @@ class _Lines:
     sink: LineSink
     redactor: SecretRedactor
     level: int
-    #: structlog's logger factory as configured with these.
+    #: structlog's logger factory and wrapper class (its level filter) as configured.
     factory: Any
+    wrapper: Any
 
     def in_use(self) -> bool:
         """True while structlog still has this set-up: nothing (a reset, capture_logs,
-        another configure) replaced its logger factory or its processors."""
+        demo's quieter level, another configure) replaced its logger factory, its level
+        filter or its processors."""
         config = structlog.get_config()
         processors = config["processors"]
         return (
             config["logger_factory"] is self.factory
+            and config["wrapper_class"] is self.wrapper
             and bool(processors)
             and processors[-1] is self.redactor
         )
@@ -188,13 +186,14 @@ def configure_logging(
     def factory(*_args: Any) -> _SinkLogger:
         return logger
 
+    wrapper = structlog.make_filtering_bound_logger(level)
     structlog.configure(
         processors=[*shared, *renderer],
-        wrapper_class=structlog.make_filtering_bound_logger(level),
+        wrapper_class=wrapper,
         logger_factory=factory,
         cache_logger_on_first_use=cache,
     )
-    _lines = _Lines(sink, redactor, level, factory)
+    _lines = _Lines(sink, redactor, level, factory, wrapper)
     # Libraries (APScheduler, alembic, aiohttp) log through the stdlib: same format.
     handler = _SinkHandler(sink)
     handler.setFormatter(

@@ -155,6 +155,13 @@ def test_log_line_follows_structlog_when_it_is_set_up_again(stream: io.StringIO)
     assert stream.getvalue() == ""
 
 
+def test_log_line_follows_a_level_set_after_it(stream: io.StringIO) -> None:
+    """A later, quieter level (as `syncd demo` sets) silences the fast line too."""
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.ERROR))
+    log_line("webhook.accepted", "info", {"message_id": "m-3"})
+    assert stream.getvalue() == ""
+
+
 def test_lines_from_many_threads_are_never_mixed() -> None:
     """structlog, library (stdlib) and fast lines written at once from several threads each
     come out whole, one JSON object a line, even when the stream lets threads in mid-write."""
