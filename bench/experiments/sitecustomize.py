@@ -226,7 +226,10 @@ def no_access_log() -> None:
 
 
 def lean_access_log() -> None:
-    """The receiver's line per request written straight with orjson, past structlog."""
+    """The receiver's line per request written straight with orjson, past structlog's chain:
+    the revision's own fields, handed to a logger that renders them itself. syncd does this
+    itself since 2026-12-05 (``syncd.logs.log_line``, and the receiver has no ``log``); the
+    patch matters only with an older ``--rev``."""
     import sys
     from datetime import UTC, datetime
 
@@ -234,31 +237,20 @@ def lean_access_log() -> None:
 
     from syncd import receiver
 
-    def log_answer(answer: Any, request: Any, remote: Any, elapsed: float) -> None:
-        first = answer.messages[0] if answer.messages else None
-        fields: dict[str, Any] = {
-            "outcome": answer.outcome,
-            "status": answer.status,
-            "path": request.path,
-            "remote": None if remote is None else str(remote),
-            "latency_ms": round(elapsed * 1000, 3),
-        }
-        if first is not None:
-            fields.update(
-                message_type=first.message_type,
-                message_id=first.message_id,
-                messages=len(answer.messages),
-                new=answer.new,
-                duplicates=answer.duplicates,
-                ignored=answer.ignored,
-            )
-        fields["event"] = "webhook.accepted" if answer.status < 300 else "webhook.rejected"
-        fields["level"] = "info"
-        fields["timestamp"] = datetime.now(UTC).isoformat().replace("+00:00", "Z")
-        sys.stdout.write(orjson.dumps(fields).decode() + "\n")
-        sys.stdout.flush()
+    def write(level: str) -> Callable[..., None]:
+        def line(event: str, **fields: Any) -> None:
+            fields.update(event=event, level=level)
+            fields["timestamp"] = datetime.now(UTC).isoformat().replace("+00:00", "Z")
+            sys.stdout.write(orjson.dumps(fields).decode() + "\n")
+            sys.stdout.flush()
 
-    receiver._log_answer = log_answer
+        return line
+
+    class Lean:
+        info = staticmethod(write("info"))
+        warning = staticmethod(write("warning"))
+
+    receiver.log = Lean()  # type: ignore[attr-defined]
 
 
 def use_uvloop() -> None:
