@@ -84,7 +84,7 @@ from ingest import (
 
 from syncd.testing import sign
 
-TARGETS = ("bare", "sqlite", "postgresql", "guide")
+TARGETS = ("bare", "sqlite", "postgresql", "guide", "floor")
 DURABLE = ("sqlite", "postgresql", "guide")
 PEERS = BENCH / "peers"
 GUNICORN = PYTHON.with_name("gunicorn")
@@ -205,6 +205,35 @@ class Bare(Instance):
 
     def pids(self) -> dict[str, int]:
         return {"server": self.target.pid}
+
+
+class Floor(Instance):
+    """bench/floor.py with ``--erp``: a durable inbox whose rows go to the ERP once committed.
+
+    It measures latency only: it has no recovery after a kill, so it takes no part in the
+    kill -9 phase, and its maximum does not set the fixed rate.
+    """
+
+    def __init__(self, run: Run, name: str, label: str) -> None:
+        super().__init__(run, name, label)
+        self.db = run.scratch / f"{label}.db"
+        argv = [str(PYTHON), str(BENCH / "floor.py"), f"--port={self.port}", f"--db={self.db}"]
+        argv += [f"--path={WEBHOOK_PATH}", f"--erp={run.sink.base}/api", f"--token={ERP_TOKEN}"]
+        argv.append(f"--synchronous={run.args.floor_synchronous}")
+        self.target = Target(label, argv, run.log(label))
+
+    def start(self) -> None:
+        self.target.start(self.port)
+
+    def kill9(self) -> None:
+        kill_group(self.target)
+
+    def pids(self) -> dict[str, int]:
+        return {"server": self.target.pid, "erp": self.run.sink.process.pid}
+
+    def close(self) -> None:
+        for suffix in ("", "-wal", "-shm"):
+            self.db.with_name(self.db.name + suffix).unlink(missing_ok=True)
 
 
 class Syncd(Instance):
@@ -348,7 +377,7 @@ class Run:
 
     def instance(self, name: str, phase: str) -> Instance:
         """A fresh deployment of target ``name``, killed (and its data removed) at the end."""
-        kinds = {"bare": Bare, "sqlite": Syncd, "postgresql": Syncd, "guide": Guide}
+        kinds = {"bare": Bare, "sqlite": Syncd, "postgresql": Syncd, "guide": Guide, "floor": Floor}
         instance = kinds[name](self, name, f"{name}_{phase}")
         self.stack.callback(instance.kill9)
         instance.start()
@@ -828,7 +857,13 @@ def report(results: dict[str, Any]) -> str:
     env, load = results["environment"], results["load"]
     lines = [
         f"compare, {env['date_utc']}, {env['cpus']} CPUs shared by every process, "
-        f"syncd {results['syncd']['source']} at {results['syncd']['git_head'][:12]}",
+        f"syncd {results['syncd']['source']} at {results['syncd']['git_head'][:12]}"
+        + (f", EXPERIMENT: patched with {p}" if (p := results["syncd"].get("patch")) else "")
+        + (
+            f"; floor: inbox synchronous={results['args']['floor_synchronous']}"
+            if "floor" in results["targets"]
+            else ""
+        ),
         f"max: wrk -t{load['threads']} -c{load['connections']} -d{load['duration']:g}s after "
         f"{load['warmup']:g}s; fixed: {results['fixed_rate']:g}/s for "
         f"{results['args']['fixed_duration']:g}s; guide: gunicorn {results['guide']['workers']} "
@@ -931,7 +966,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="before each measured run, wait up to this many seconds for other processes to "
         f"use less than {ingest.QUIET_LIMIT:g}%% of a core (10)",
     )
+    p.add_argument(
+        "--floor-synchronous",
+        choices=("FULL", "NORMAL"),
+        default="FULL",
+        help="the floor target's inbox commit: FULL waits for the disk, NORMAL does not (FULL)",
+    )
     p.add_argument("--seed", type=int, default=7, help="payloads and kill schedule (7)")
+    p.add_argument(
+        "--patch",
+        default="",
+        help="experiment: patch syncd with bench/experiments "
+        f"({', '.join(ingest.EXPERIMENTS)}); reported with the results",
+    )
     p.add_argument("--keep", action="store_true", help="keep the scratch dirs (logs, dbs)")
     args = p.parse_args(argv)
     if args.quick:
@@ -944,6 +991,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"unknown kill modes: {', '.join(sorted(unknown))}")
     if unknown := set(args.targets) - set(TARGETS):
         p.error(f"unknown targets: {', '.join(sorted(unknown))}")
+    if unknown := set(filter(None, args.patch.split(","))) - set(ingest.EXPERIMENTS):
+        p.error(f"unknown --patch {', '.join(sorted(unknown))}")
     return args
 
 
@@ -1005,6 +1054,12 @@ def main(argv: list[str] | None = None) -> int:
         (scratch / "src").mkdir()
         results["syncd"] = deliver.snapshot(args.source, scratch / "src")
         env = {**os.environ, "PYTHONPATH": str(scratch / "src")}
+        if args.patch:
+            # Applied by bench/experiments/sitecustomize.py in syncd's process only.
+            paths = [str(ingest.BENCH / "experiments"), env["PYTHONPATH"]]
+            env["PYTHONPATH"] = os.pathsep.join(paths)
+            env["SYNCD_BENCH_PATCHES"] = args.patch
+            results["syncd"]["patch"] = args.patch
         sink = deliver.Sink(scratch, record=True)
         stack.callback(sink.process.stop)
         sink.start()

@@ -12,6 +12,15 @@ quarantine and no error handling a daemon needs.
 a share of the bare handler can be set against what any implementation on this stack can
 reach. It is a measuring stick, not a design: run it as
 ``python bench/floor.py --port N --db PATH [--path /webhooks/masonhub]``.
+
+With ``--erp BASE`` it is also the least a durable pipeline can do (``bench/compare.py
+--targets floor``): once a row has committed, each order in it is sent at once, as
+``PUT BASE/orders/{customer_identifier}`` with its status and shipments, by one aiohttp client
+session with at most 8 calls in flight (syncd's default ``erp.concurrency``); the row is then
+marked delivered in the next transaction, which does not wait for the disk. There is no merge
+per entity, no outbox, no lease, no retry and no redelivery after a restart: every step
+syncd adds between a durable inbox and the ERP is left out, so that its latency can be set
+against the guide's design's.
 """
 
 from __future__ import annotations
@@ -26,11 +35,15 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import quote
 
 import orjson
-from aiohttp import web
+from aiohttp import ClientSession, web
 
 SECRET = b"bench-secret"
+#: Most ERP calls in flight at once (syncd's default erp.concurrency).
+CONCURRENCY = 8
 RECEIVED = b'{"status":"received"}'
 DUPLICATE = b'{"status":"duplicate"}'
 
@@ -38,20 +51,23 @@ DUPLICATE = b'{"status":"duplicate"}'
 class Inbox:
     """One SQLite table, written by one thread; concurrent requests share each commit."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, synchronous: str = "FULL") -> None:
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
+        self._sync = f"PRAGMA synchronous={synchronous}"
+        self._db.execute(self._sync)
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS inbox (id INTEGER PRIMARY KEY, dedupe_key TEXT UNIQUE,"
             " message_type TEXT, body TEXT, received_at TEXT, state TEXT)"
         )
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="floor-store")
-        self._queue: list[tuple[tuple[str, str, str, str], asyncio.Future[bool]]] = []
+        self._queue: list[tuple[tuple[str, str, str, str], asyncio.Future[int | None]]] = []
         self._writer: asyncio.Task[None] | None = None
+        #: Ids of rows whose orders the ERP has, to be marked in the next transaction.
+        self.delivered: list[int] = []
 
-    def _commit(self, rows: list[tuple[str, str, str, str]]) -> list[bool]:
-        new = []
+    def _commit(self, rows: list[tuple[str, str, str, str]], done: list[int]) -> list[int | None]:
+        new: list[int | None] = []
         self._db.execute("BEGIN IMMEDIATE")
         for row in rows:
             cursor = self._db.execute(
@@ -59,12 +75,23 @@ class Inbox:
                 " VALUES (?, ?, ?, ?, 'pending') ON CONFLICT DO NOTHING",
                 row,
             )
-            new.append(cursor.rowcount == 1)
+            new.append(cursor.lastrowid if cursor.rowcount == 1 else None)
         self._db.execute("COMMIT")
+        if done:
+            # A lost mark only sends an order again: no fsync needed (synchronous=NORMAL).
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executemany(
+                "UPDATE inbox SET state = 'delivered' WHERE id = ?", [(i,) for i in done]
+            )
+            self._db.execute(self._sync)
         return new
 
-    async def add(self, row: tuple[str, str, str, str]) -> bool:
-        """True if the row is new; returns once the transaction holding it has committed."""
+    def mark_delivered(self, row_id: int) -> None:
+        """The ERP has the row's orders: record it with the next transaction."""
+        self.delivered.append(row_id)
+
+    async def add(self, row: tuple[str, str, str, str]) -> int | None:
+        """The row's id if it is new (else None), once the transaction holding it committed."""
         future = asyncio.get_running_loop().create_future()
         self._queue.append((row, future))
         if self._writer is None:
@@ -75,8 +102,11 @@ class Inbox:
         loop = asyncio.get_running_loop()
         while self._queue:
             batch, self._queue = self._queue, []
+            done, self.delivered = self.delivered, []
             try:
-                new = await loop.run_in_executor(self._thread, self._commit, [r for r, _ in batch])
+                new = await loop.run_in_executor(
+                    self._thread, self._commit, [r for r, _ in batch], done
+                )
             except sqlite3.Error as exc:
                 for _, future in batch:
                     future.set_exception(exc)
@@ -86,9 +116,58 @@ class Inbox:
         self._writer = None
 
 
-def create_app(path: str, db: str) -> web.Application:
+class Erp:
+    """Sends each committed row's orders to the ERP, at most CONCURRENCY calls at once."""
+
+    def __init__(self, base: str, token: str, inbox: Inbox) -> None:
+        self._base = base.rstrip("/")
+        self._headers = {"Content-Type": "application/json", "Authorization": f"Bearer {token}"}
+        self._inbox = inbox
+        self._slots = asyncio.Semaphore(CONCURRENCY)
+        self._session: ClientSession | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def send(self, row_id: int, message_id: str, data: Any) -> None:
+        """Deliver the row's orders in the background."""
+        task = asyncio.create_task(self._send(row_id, message_id, data))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _send(self, row_id: int, message_id: str, data: Any) -> None:
+        if self._session is None:
+            self._session = ClientSession()
+        orders = [o for o in (data if isinstance(data, list) else [data]) if isinstance(o, dict)]
+        async with self._slots:
+            for order in orders:
+                body = {
+                    "customer_identifier": order.get("customer_identifier"),
+                    "status": order.get("status"),
+                    "shipments": order.get("shipments"),
+                    "updated_at": order.get("updated_at"),
+                }
+                url = f"{self._base}/orders/{quote(str(body['customer_identifier']), safe='')}"
+                headers = {**self._headers, "Idempotency-Key": message_id}
+                async with self._session.put(
+                    url, data=orjson.dumps(body), headers=headers
+                ) as answer:
+                    await answer.read()
+                    if answer.status >= 300:
+                        return  # the floor does not retry; the row stays pending
+        self._inbox.mark_delivered(row_id)
+
+    async def close(self) -> None:
+        """Let calls in flight finish, then close the session."""
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._session is not None:
+            await self._session.close()
+
+
+def create_app(
+    path: str, db: str, erp: str | None = None, token: str = "", synchronous: str = "FULL"
+) -> web.Application:
     """The floor application at syncd's webhook path, with /readyz for the benchmark."""
-    inbox = Inbox(db)
+    inbox = Inbox(db, synchronous)
+    sender: Erp | None = None
 
     async def receive(request: web.Request) -> web.Response:
         started = time.perf_counter()
@@ -102,7 +181,10 @@ def create_app(path: str, db: str) -> web.Application:
         document = json.loads(body)
         message_id, message_type = document["message_id"], document["message_type"]
         now = datetime.now(UTC).isoformat()
-        new = await inbox.add((message_id, message_type, body.decode(), now))
+        row_id = await inbox.add((message_id, message_type, body.decode(), now))
+        new = row_id is not None
+        if sender is not None and row_id is not None:
+            sender.send(row_id, message_id, document.get("data"))
         line = {
             "event": "webhook.accepted",
             "level": "info",
@@ -120,9 +202,18 @@ def create_app(path: str, db: str) -> web.Application:
     async def ready(_request: web.Request) -> web.Response:
         return web.json_response({"status": "ready"})
 
+    async def erp_client(_app: web.Application) -> Any:
+        nonlocal sender
+        if erp is not None:
+            sender = Erp(erp, token, inbox)
+        yield
+        if sender is not None:
+            await sender.close()
+
     app = web.Application(client_max_size=1024 * 1024)
     app.router.add_post(path, receive)
     app.router.add_get("/readyz", ready)
+    app.cleanup_ctx.append(erp_client)
     return app
 
 
@@ -132,9 +223,18 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--db", required=True, help="SQLite file (created)")
     parser.add_argument("--path", default="/webhooks/masonhub")
+    parser.add_argument("--erp", help="ERP base URL: send each committed row's orders there")
+    parser.add_argument("--token", default="", help="ERP bearer token")
+    parser.add_argument(
+        "--synchronous",
+        choices=("FULL", "NORMAL"),
+        default="FULL",
+        help="SQLite's synchronous for the inbox commit; NORMAL skips the fsync, to measure "
+        "what durability costs (FULL)",
+    )
     args = parser.parse_args()
     web.run_app(
-        create_app(args.path, args.db),
+        create_app(args.path, args.db, args.erp, args.token, args.synchronous),
         host="127.0.0.1",
         port=args.port,
         access_log=None,

@@ -82,6 +82,8 @@ EXPERIMENTS = (
     "locktrace",
     "sqllog",
     "no-linger",
+    "merge-linger-5ms",
+    "merge-linger-10ms",
     "switch-1ms",
     "merge-small",
     "commits-first",

@@ -132,6 +132,18 @@ def no_linger() -> None:
     delivery.CLAIM_LINGER = 0.0
 
 
+def merge_linger(seconds: float) -> Callable[[], None]:
+    """The merge waits ``seconds`` (instead of MERGE_LINGER) after a pass while webhook
+    commits are busy: the latency to the ERP against the transactions per second."""
+
+    def patch() -> None:
+        from syncd import merge
+
+        merge.MERGE_LINGER = seconds
+
+    return patch
+
+
 def switch_1ms() -> None:
     """The GIL switch interval at 1 ms instead of 5 ms: the event loop thread waits less for
     the GIL while the SQLite store thread runs a transaction. ``syncd run`` does this itself
@@ -268,6 +280,8 @@ PATCHES: dict[str, Callable[[], None]] = {
     "commits-first": commits_first,
     "ingest-only": ingest_only,
     "no-linger": no_linger,
+    "merge-linger-5ms": merge_linger(0.005),
+    "merge-linger-10ms": merge_linger(0.01),
     "executemany": executemany,
     "locktrace": locktrace,
     "sqllog": sqllog,
