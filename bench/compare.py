@@ -1,6 +1,6 @@
 """bench/compare: syncd beside the integration guide's Flask + gunicorn + Redis design.
 
-Four targets on 127.0.0.1, one at a time, loaded by the same generators from a separate process:
+Five targets on 127.0.0.1, one at a time, loaded by the same generators from a separate process:
 
 * ``bare``: ``bench/bare.py``, an aiohttp handler that reads the body and answers 200;
 * ``sqlite``: ``syncd run`` on a fresh SQLite file (WAL; synchronous=FULL for webhook
@@ -8,7 +8,12 @@ Four targets on 127.0.0.1, one at a time, loaded by the same generators from a s
 * ``postgresql``: ``syncd run`` on a fresh PostgreSQL database (created, then dropped);
 * ``guide``: the guide's receiver (``bench/peers/guide_receiver.py``, Flask under gunicorn,
   sync workers) pushing to the local Redis, and its worker (``bench/peers/guide_worker.py``)
-  popping and calling the ERP.
+  popping and calling the ERP;
+* ``floor``: ``bench/floor.py --erp``, the least a durable pipeline does on this stack: a
+  group-committed SQLite inbox (``--floor-synchronous``, FULL by default) whose rows go to the
+  ERP as soon as they committed, with no merge, outbox, lease or retry. It sets syncd's
+  latency against what any implementation that stores a webhook before delivering it can
+  reach; it takes no part in the kill -9 phase and does not set the fixed rate.
 
 syncd and the guide's worker deliver to the same ERP, ``bench/erp_sink.py``, which answers every
 PUT at once and records when each call arrived and its order id (the last path segment). Every
@@ -814,6 +819,18 @@ def kill_table(results: dict[str, Any]) -> list[str]:
     return rows
 
 
+def _latency_ratios(results: dict[str, Any], mine: dict[str, Any], guide: dict[str, Any]) -> str:
+    """Ack p50 / p99 and receipt-to-ERP p50 (fixed and light rate) as multiples of the guide's."""
+    ours, theirs = mine["fixed"]["latency_ms"], guide["fixed"]["latency_ms"]
+    text = f"ack p50 {ours['p50'] / theirs['p50']:.2f}x, p99 {ours['p99'] / theirs['p99']:.2f}x"
+    for phase, rate in (("fixed", results["fixed_rate"]), ("light", results["light_rate"])):
+        a = mine.get(phase, {}).get("receipt_to_erp")
+        b = guide.get(phase, {}).get("receipt_to_erp")
+        if a and b and b["p50_ms"]:
+            text += f", receipt→ERP p50 at {rate:g}/s {a['p50_ms'] / b['p50_ms']:.2f}x"
+    return text
+
+
 def verdict(results: dict[str, Any]) -> list[str]:
     """The target of issue 7: syncd ahead of the guide's design, and 0 lost where it loses."""
     t = results["targets"]
@@ -826,16 +843,17 @@ def verdict(results: dict[str, Any]) -> list[str]:
             continue
         s = t[name]
         rate = s["max"]["acked_per_s"] / guide["max"]["acked_per_s"]
-        p50 = s["fixed"]["latency_ms"]["p50"] / guide["fixed"]["latency_ms"]["p50"]
-        p99 = s["fixed"]["latency_ms"]["p99"] / guide["fixed"]["latency_ms"]["p99"]
-        line = (
-            f"- syncd {name} vs guide: throughput {rate:.2f}x, ack p50 {p50:.2f}x, "
-            f"p99 {p99:.2f}x (below 1 is faster)"
-        )
+        line = f"- syncd {name} vs guide: throughput {rate:.2f}x, "
+        line += _latency_ratios(results, s, guide) + " (below 1 is faster)"
         for mode in s.get("kill", {}).keys() & guide.get("kill", {}).keys():
             mine, theirs = s["kill"][mode]["lost"], guide["kill"][mode]["lost"]
             line += f"; lost under kill -9 ({mode}): {mine} vs {theirs}"
         lines.append(line)
+    if "floor" in t:
+        lines.append(
+            f"- floor vs guide: {_latency_ratios(results, t['floor'], guide)} (the least a "
+            "design that stores a webhook before delivering it does)"
+        )
     return lines
 
 
