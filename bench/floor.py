@@ -17,10 +17,9 @@ With ``--erp BASE`` it is also the least a durable pipeline can do (``bench/comp
 --targets floor``): once a row has committed, each order in it is sent at once, as
 ``PUT BASE/orders/{customer_identifier}`` with its status and shipments, by one aiohttp client
 session with at most 8 calls in flight (syncd's default ``erp.concurrency``); the row is then
-marked delivered in the next transaction, which does not wait for the disk. There is no merge
-per entity, no outbox, no lease, no retry and no redelivery after a restart: every step
-syncd adds between a durable inbox and the ERP is left out, so that its latency can be set
-against the guide's design's.
+marked delivered in the next inbox transaction. There is no merge per entity, no outbox, no
+lease, no retry and no redelivery after a restart: every step syncd adds between a durable
+inbox and the ERP is left out, so that its latency can be set against the guide's design's.
 """
 
 from __future__ import annotations
@@ -54,8 +53,7 @@ class Inbox:
     def __init__(self, path: str, synchronous: str = "FULL") -> None:
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
-        self._sync = f"PRAGMA synchronous={synchronous}"
-        self._db.execute(self._sync)
+        self._db.execute(f"PRAGMA synchronous={synchronous}")
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS inbox (id INTEGER PRIMARY KEY, dedupe_key TEXT UNIQUE,"
             " message_type TEXT, body TEXT, received_at TEXT, state TEXT)"
@@ -76,14 +74,11 @@ class Inbox:
                 row,
             )
             new.append(cursor.lastrowid if cursor.rowcount == 1 else None)
-        self._db.execute("COMMIT")
         if done:
-            # A lost mark only sends an order again: no fsync needed (synchronous=NORMAL).
-            self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executemany(
                 "UPDATE inbox SET state = 'delivered' WHERE id = ?", [(i,) for i in done]
             )
-            self._db.execute(self._sync)
+        self._db.execute("COMMIT")
         return new
 
     def mark_delivered(self, row_id: int) -> None:
