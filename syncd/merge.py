@@ -25,8 +25,9 @@ log = structlog.get_logger(__name__)
 
 #: While webhooks are being committed, the merge waits this long before its next pass: the
 #: write lock and the one core go to acknowledgements first, and the pass that follows takes
-#: everything committed meanwhile in one transaction instead of one per commit. It is also
-#: the least a webhook waits before the merge hands it to delivery while webhooks arrive.
+#: everything committed meanwhile in one transaction instead of one per commit. While
+#: webhooks keep arriving, it is also about how long each may wait for the merge, and so
+#: for delivery.
 #: bench/RESULTS.md, SQLite, pairs against 50 ms: at 750/s receipt->ERP p50 45-55 -> 9.5-10 ms
 #: with ack latency the same; at 1,400/s ack p99 29-40 -> 26-28 ms, p99.9 81-91 -> 36 ms.
 #: No wait at all made more transactions and more CPU than it saved (12.5-14.3 ms at 750/s).
