@@ -11,9 +11,11 @@ Five targets on 127.0.0.1, one at a time, loaded by the same generators from a s
   popping and calling the ERP;
 * ``floor``: ``bench/floor.py --erp``, the least a durable pipeline does on this stack: a
   group-committed SQLite inbox (``--floor-synchronous``, FULL by default) whose rows go to the
-  ERP as soon as they committed, with no merge, outbox, lease or retry. It sets syncd's
-  latency against what any implementation that stores a webhook before delivering it can
-  reach; it takes no part in the kill -9 phase and does not set the fixed rate.
+  ERP as soon as they committed (``--floor-client``: by aiohttp from the event loop, or by
+  ``http.client`` threads fed by the store thread), with no merge, outbox, lease or retry.
+  It sets syncd's latency against what any implementation that stores a webhook before
+  delivering it can reach; it takes no part in the kill -9 phase and does not set the fixed
+  rate.
 
 syncd and the guide's worker deliver to the same ERP, ``bench/erp_sink.py``, which answers every
 PUT at once and records when each call arrived and its order id (the last path segment). Every
@@ -225,6 +227,7 @@ class Floor(Instance):
         argv = [str(PYTHON), str(BENCH / "floor.py"), f"--port={self.port}", f"--db={self.db}"]
         argv += [f"--path={WEBHOOK_PATH}", f"--erp={run.sink.base}/api", f"--token={ERP_TOKEN}"]
         argv.append(f"--synchronous={run.args.floor_synchronous}")
+        argv.append(f"--erp-client={run.args.floor_client}")
         self.target = Target(label, argv, run.log(label))
 
     def start(self) -> None:
@@ -878,7 +881,8 @@ def report(results: dict[str, Any]) -> str:
         f"syncd {results['syncd']['source']} at {results['syncd']['git_head'][:12]}"
         + (f", EXPERIMENT: patched with {p}" if (p := results["syncd"].get("patch")) else "")
         + (
-            f"; floor: inbox synchronous={results['args']['floor_synchronous']}"
+            f"; floor: inbox synchronous={results['args']['floor_synchronous']}, "
+            f"ERP client {results['args'].get('floor_client', 'aiohttp')}"
             if "floor" in results["targets"]
             else ""
         ),
@@ -989,6 +993,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=("FULL", "NORMAL"),
         default="FULL",
         help="the floor target's inbox commit: FULL waits for the disk, NORMAL does not (FULL)",
+    )
+    p.add_argument(
+        "--floor-client",
+        choices=("aiohttp", "threads"),
+        default="aiohttp",
+        help="the floor target's ERP calls: aiohttp from the event loop, or http.client "
+        "threads fed by the store thread (aiohttp)",
     )
     p.add_argument("--seed", type=int, default=7, help="payloads and kill schedule (7)")
     p.add_argument(

@@ -20,6 +20,8 @@ session with at most 8 calls in flight (syncd's default ``erp.concurrency``); th
 marked delivered in the next inbox transaction. There is no merge per entity, no outbox, no
 lease, no retry and no redelivery after a restart: every step syncd adds between a durable
 inbox and the ERP is left out, so that its latency can be set against the guide's design's.
+``--erp-client threads`` sends from 8 threads with ``http.client``, as the guide's worker does,
+fed by the store thread straight after the commit, so no delivery waits for the event loop.
 """
 
 from __future__ import annotations
@@ -28,14 +30,19 @@ import argparse
 import asyncio
 import hashlib
 import hmac
+import http.client
 import json
+import queue
 import sqlite3
 import sys
+import threading
 import time
+from collections import deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import orjson
 from aiohttp import ClientSession, web
@@ -60,11 +67,19 @@ class Inbox:
         )
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="floor-store")
         self._queue: list[tuple[tuple[str, str, str, str], asyncio.Future[int | None]]] = []
+        #: The parsed ``data`` of each queued row, for a hand-off (see below).
+        self._payloads: list[Any] = []
         self._writer: asyncio.Task[None] | None = None
-        #: Ids of rows whose orders the ERP has, to be marked in the next transaction.
-        self.delivered: list[int] = []
+        #: Ids of rows whose orders the ERP has, to be marked in the next transaction (a deque:
+        #: sender threads append to it).
+        self._delivered: deque[int] = deque()
+        #: Called in the store thread with (row id, message id, data) of each new row once its
+        #: transaction committed; None: the event loop sends (Erp.send).
+        self.handoff: Callable[[list[tuple[int, str, Any]]], None] | None = None
 
-    def _commit(self, rows: list[tuple[str, str, str, str]], done: list[int]) -> list[int | None]:
+    def _commit(
+        self, rows: list[tuple[str, str, str, str]], payloads: list[Any], done: list[int]
+    ) -> list[int | None]:
         new: list[int | None] = []
         self._db.execute("BEGIN IMMEDIATE")
         for row in rows:
@@ -79,16 +94,20 @@ class Inbox:
                 "UPDATE inbox SET state = 'delivered' WHERE id = ?", [(i,) for i in done]
             )
         self._db.execute("COMMIT")
+        if self.handoff is not None:
+            rows_ = zip(new, rows, payloads, strict=True)
+            self.handoff([(i, row[0], data) for i, row, data in rows_ if i is not None])
         return new
 
     def mark_delivered(self, row_id: int) -> None:
-        """The ERP has the row's orders: record it with the next transaction."""
-        self.delivered.append(row_id)
+        """The ERP has the row's orders: record it with the next transaction (any thread)."""
+        self._delivered.append(row_id)
 
-    async def add(self, row: tuple[str, str, str, str]) -> int | None:
+    async def add(self, row: tuple[str, str, str, str], payload: Any = None) -> int | None:
         """The row's id if it is new (else None), once the transaction holding it committed."""
         future = asyncio.get_running_loop().create_future()
         self._queue.append((row, future))
+        self._payloads.append(payload)
         if self._writer is None:
             self._writer = asyncio.create_task(self._write())
         return await future
@@ -97,10 +116,11 @@ class Inbox:
         loop = asyncio.get_running_loop()
         while self._queue:
             batch, self._queue = self._queue, []
-            done, self.delivered = self.delivered, []
+            payloads, self._payloads = self._payloads, []
+            done = [self._delivered.popleft() for _ in range(len(self._delivered))]
             try:
                 new = await loop.run_in_executor(
-                    self._thread, self._commit, [r for r, _ in batch], done
+                    self._thread, self._commit, [r for r, _ in batch], payloads, done
                 )
             except sqlite3.Error as exc:
                 for _, future in batch:
@@ -109,6 +129,64 @@ class Inbox:
             for (_, future), is_new in zip(batch, new, strict=True):
                 future.set_result(is_new)
         self._writer = None
+
+
+def order_body(order: dict[str, Any]) -> dict[str, Any]:
+    """What the floor sends for an order."""
+    return {
+        "customer_identifier": order.get("customer_identifier"),
+        "status": order.get("status"),
+        "shipments": order.get("shipments"),
+        "updated_at": order.get("updated_at"),
+    }
+
+
+def orders_of(data: Any) -> list[dict[str, Any]]:
+    """The order records of an envelope's ``data`` (a list or one object)."""
+    return [o for o in (data if isinstance(data, list) else [data]) if isinstance(o, dict)]
+
+
+class ThreadErp:
+    """``--erp-client threads``: the store thread hands each committed row to CONCURRENCY
+    threads, each with a keep-alive ``http.client`` connection, as the guide's worker calls
+    the ERP. The event loop takes no part in a delivery."""
+
+    def __init__(self, base: str, token: str, inbox: Inbox) -> None:
+        parts = urlsplit(base)
+        self._host, self._port = parts.hostname or "127.0.0.1", parts.port or 80
+        self._prefix = parts.path.rstrip("/")
+        self._headers = {"Content-Type": "application/json", "Authorization": f"Bearer {token}"}
+        self._inbox = inbox
+        self._queue: queue.Queue[tuple[int, str, Any]] = queue.Queue()
+        for _ in range(CONCURRENCY):
+            threading.Thread(target=self._run, daemon=True).start()
+        inbox.handoff = self._handoff
+
+    def _handoff(self, rows: list[tuple[int, str, Any]]) -> None:
+        for row in rows:
+            self._queue.put(row)
+
+    def _run(self) -> None:
+        conn = http.client.HTTPConnection(self._host, self._port)
+        while True:
+            row_id, message_id, data = self._queue.get()
+            ok = True
+            for order in orders_of(data):
+                body = order_body(order)
+                url = f"{self._prefix}/orders/{quote(str(body['customer_identifier']), safe='')}"
+                headers = {**self._headers, "Idempotency-Key": message_id}
+                conn.request("PUT", url, body=orjson.dumps(body), headers=headers)
+                answer = conn.getresponse()
+                answer.read()
+                ok = ok and answer.status < 300
+            if ok:
+                self._inbox.mark_delivered(row_id)
+
+    def send(self, row_id: int, message_id: str, data: Any) -> None:
+        """Nothing: the store thread handed the row over already."""
+
+    async def close(self) -> None:
+        """Nothing: the threads die with the process."""
 
 
 class Erp:
@@ -131,15 +209,9 @@ class Erp:
     async def _send(self, row_id: int, message_id: str, data: Any) -> None:
         if self._session is None:
             self._session = ClientSession()
-        orders = [o for o in (data if isinstance(data, list) else [data]) if isinstance(o, dict)]
         async with self._slots:
-            for order in orders:
-                body = {
-                    "customer_identifier": order.get("customer_identifier"),
-                    "status": order.get("status"),
-                    "shipments": order.get("shipments"),
-                    "updated_at": order.get("updated_at"),
-                }
+            for order in orders_of(data):
+                body = order_body(order)
                 url = f"{self._base}/orders/{quote(str(body['customer_identifier']), safe='')}"
                 headers = {**self._headers, "Idempotency-Key": message_id}
                 async with self._session.put(
@@ -158,11 +230,16 @@ class Erp:
 
 
 def create_app(
-    path: str, db: str, erp: str | None = None, token: str = "", synchronous: str = "FULL"
+    path: str,
+    db: str,
+    erp: str | None = None,
+    token: str = "",
+    synchronous: str = "FULL",
+    client: str = "aiohttp",
 ) -> web.Application:
     """The floor application at syncd's webhook path, with /readyz for the benchmark."""
     inbox = Inbox(db, synchronous)
-    sender: Erp | None = None
+    sender: Erp | ThreadErp | None = None
 
     async def receive(request: web.Request) -> web.Response:
         started = time.perf_counter()
@@ -176,7 +253,8 @@ def create_app(
         document = json.loads(body)
         message_id, message_type = document["message_id"], document["message_type"]
         now = datetime.now(UTC).isoformat()
-        row_id = await inbox.add((message_id, message_type, body.decode(), now))
+        row = (message_id, message_type, body.decode(), now)
+        row_id = await inbox.add(row, document.get("data"))
         new = row_id is not None
         if sender is not None and row_id is not None:
             sender.send(row_id, message_id, document.get("data"))
@@ -200,7 +278,7 @@ def create_app(
     async def erp_client(_app: web.Application) -> Any:
         nonlocal sender
         if erp is not None:
-            sender = Erp(erp, token, inbox)
+            sender = (ThreadErp if client == "threads" else Erp)(erp, token, inbox)
         yield
         if sender is not None:
             await sender.close()
@@ -227,9 +305,16 @@ def main() -> None:
         help="SQLite's synchronous for the inbox commit; NORMAL skips the fsync, to measure "
         "what durability costs (FULL)",
     )
+    parser.add_argument(
+        "--erp-client",
+        choices=("aiohttp", "threads"),
+        default="aiohttp",
+        help="aiohttp: the event loop sends once the commit answered; threads: the store "
+        "thread hands rows to http.client threads (aiohttp)",
+    )
     args = parser.parse_args()
     web.run_app(
-        create_app(args.path, args.db, args.erp, args.token, args.synchronous),
+        create_app(args.path, args.db, args.erp, args.token, args.synchronous, args.erp_client),
         host="127.0.0.1",
         port=args.port,
         access_log=None,
