@@ -43,6 +43,12 @@ def create_app(path: str, *, erp_sink: bool = False) -> web.Application:
     return app
 
 
+def serve(app: web.Application, port: int) -> None:
+    """Serve ``app`` on 127.0.0.1 until SIGTERM or SIGINT, with no access log (also floor.py's
+    server, so both are served alike)."""
+    web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None, handle_signals=True)
+
+
 def main() -> None:
     """Serve on 127.0.0.1 until SIGTERM or SIGINT."""
     parser = argparse.ArgumentParser(description=__doc__)
@@ -50,14 +56,7 @@ def main() -> None:
     parser.add_argument("--path", default="/webhooks/masonhub")
     parser.add_argument("--erp-sink", action="store_true", help="also answer any PUT with 200")
     args = parser.parse_args()
-    web.run_app(
-        create_app(args.path, erp_sink=args.erp_sink),
-        host="127.0.0.1",
-        port=args.port,
-        access_log=None,
-        print=None,
-        handle_signals=True,
-    )
+    serve(create_app(args.path, erp_sink=args.erp_sink), args.port)
 
 
 if __name__ == "__main__":

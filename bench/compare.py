@@ -223,8 +223,9 @@ class Floor(Instance):
 
     def __init__(self, run: Run, name: str, label: str) -> None:
         super().__init__(run, name, label)
-        self.db = run.scratch / f"{label}.db"
-        argv = [str(PYTHON), str(BENCH / "floor.py"), f"--port={self.port}", f"--db={self.db}"]
+        self.backend = ingest.FloorBackend(run.scratch / f"{label}.db")
+        argv = [str(PYTHON), str(BENCH / "floor.py"), f"--port={self.port}"]
+        argv.append(f"--db={self.backend.path}")
         argv += [f"--path={WEBHOOK_PATH}", f"--erp={run.sink.base}/api", f"--token={ERP_TOKEN}"]
         argv.append(f"--synchronous={run.args.floor_synchronous}")
         argv.append(f"--erp-client={run.args.floor_client}")
@@ -240,8 +241,7 @@ class Floor(Instance):
         return {"server": self.target.pid, "erp": self.run.sink.process.pid}
 
     def close(self) -> None:
-        for suffix in ("", "-wal", "-shm"):
-            self.db.with_name(self.db.name + suffix).unlink(missing_ok=True)
+        self.backend.drop()
 
 
 class Syncd(Instance):

@@ -38,7 +38,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
@@ -46,6 +46,7 @@ from urllib.parse import quote, urlsplit
 
 import orjson
 from aiohttp import ClientSession, web
+from bare import serve
 
 SECRET = b"bench-secret"
 #: Most ERP calls in flight at once (syncd's default erp.concurrency).
@@ -66,9 +67,8 @@ class Inbox:
             " message_type TEXT, body TEXT, received_at TEXT, state TEXT)"
         )
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="floor-store")
-        self._queue: list[tuple[tuple[str, str, str, str], asyncio.Future[int | None]]] = []
-        #: The parsed ``data`` of each queued row, for a hand-off (see below).
-        self._payloads: list[Any] = []
+        #: (row, its parsed ``data`` for a hand-off (see below), the caller's future)
+        self._queue: list[tuple[tuple[str, str, str, str], Any, asyncio.Future[int | None]]] = []
         self._writer: asyncio.Task[None] | None = None
         #: Ids of rows whose orders the ERP has, to be marked in the next transaction (a deque:
         #: sender threads append to it).
@@ -78,7 +78,7 @@ class Inbox:
         self.handoff: Callable[[list[tuple[int, str, Any]]], None] | None = None
 
     def _commit(
-        self, rows: list[tuple[str, str, str, str]], payloads: list[Any], done: list[int]
+        self, rows: Sequence[tuple[str, str, str, str]], payloads: Sequence[Any], done: list[int]
     ) -> list[int | None]:
         new: list[int | None] = []
         self._db.execute("BEGIN IMMEDIATE")
@@ -106,8 +106,7 @@ class Inbox:
     async def add(self, row: tuple[str, str, str, str], payload: Any = None) -> int | None:
         """The row's id if it is new (else None), once the transaction holding it committed."""
         future = asyncio.get_running_loop().create_future()
-        self._queue.append((row, future))
-        self._payloads.append(payload)
+        self._queue.append((row, payload, future))
         if self._writer is None:
             self._writer = asyncio.create_task(self._write())
         return await future
@@ -116,34 +115,37 @@ class Inbox:
         loop = asyncio.get_running_loop()
         while self._queue:
             batch, self._queue = self._queue, []
-            payloads, self._payloads = self._payloads, []
+            rows, payloads, futures = zip(*batch, strict=True)
             done = [self._delivered.popleft() for _ in range(len(self._delivered))]
             try:
-                new = await loop.run_in_executor(
-                    self._thread, self._commit, [r for r, _ in batch], payloads, done
-                )
+                new = await loop.run_in_executor(self._thread, self._commit, rows, payloads, done)
             except sqlite3.Error as exc:
-                for _, future in batch:
+                for future in futures:
                     future.set_exception(exc)
                 continue
-            for (_, future), is_new in zip(batch, new, strict=True):
+            for future, is_new in zip(futures, new, strict=True):
                 future.set_result(is_new)
         self._writer = None
 
 
-def order_body(order: dict[str, Any]) -> dict[str, Any]:
-    """What the floor sends for an order."""
-    return {
-        "customer_identifier": order.get("customer_identifier"),
-        "status": order.get("status"),
-        "shipments": order.get("shipments"),
-        "updated_at": order.get("updated_at"),
-    }
-
-
-def orders_of(data: Any) -> list[dict[str, Any]]:
-    """The order records of an envelope's ``data`` (a list or one object)."""
-    return [o for o in (data if isinstance(data, list) else [data]) if isinstance(o, dict)]
+def order_puts(
+    prefix: str, headers: dict[str, str], message_id: str, data: Any
+) -> list[tuple[str, bytes, dict[str, str]]]:
+    """(URL, body, headers) of the PUT for each order in an envelope's ``data`` (a list or
+    one object): its status and shipments, to ``{prefix}/orders/{customer_identifier}``."""
+    puts = []
+    for order in data if isinstance(data, list) else [data]:
+        if not isinstance(order, dict):
+            continue
+        body = {
+            "customer_identifier": order.get("customer_identifier"),
+            "status": order.get("status"),
+            "shipments": order.get("shipments"),
+            "updated_at": order.get("updated_at"),
+        }
+        url = f"{prefix}/orders/{quote(str(body['customer_identifier']), safe='')}"
+        puts.append((url, orjson.dumps(body), {**headers, "Idempotency-Key": message_id}))
+    return puts
 
 
 class ThreadErp:
@@ -171,11 +173,8 @@ class ThreadErp:
         while True:
             row_id, message_id, data = self._queue.get()
             ok = True
-            for order in orders_of(data):
-                body = order_body(order)
-                url = f"{self._prefix}/orders/{quote(str(body['customer_identifier']), safe='')}"
-                headers = {**self._headers, "Idempotency-Key": message_id}
-                conn.request("PUT", url, body=orjson.dumps(body), headers=headers)
+            for url, body, headers in order_puts(self._prefix, self._headers, message_id, data):
+                conn.request("PUT", url, body=body, headers=headers)
                 answer = conn.getresponse()
                 answer.read()
                 ok = ok and answer.status < 300
@@ -210,13 +209,8 @@ class Erp:
         if self._session is None:
             self._session = ClientSession()
         async with self._slots:
-            for order in orders_of(data):
-                body = order_body(order)
-                url = f"{self._base}/orders/{quote(str(body['customer_identifier']), safe='')}"
-                headers = {**self._headers, "Idempotency-Key": message_id}
-                async with self._session.put(
-                    url, data=orjson.dumps(body), headers=headers
-                ) as answer:
+            for url, body, headers in order_puts(self._base, self._headers, message_id, data):
+                async with self._session.put(url, data=body, headers=headers) as answer:
                     await answer.read()
                     if answer.status >= 300:
                         return  # the floor does not retry; the row stays pending
@@ -253,11 +247,11 @@ def create_app(
         document = json.loads(body)
         message_id, message_type = document["message_id"], document["message_type"]
         now = datetime.now(UTC).isoformat()
-        row = (message_id, message_type, body.decode(), now)
-        row_id = await inbox.add(row, document.get("data"))
+        data = document.get("data")
+        row_id = await inbox.add((message_id, message_type, body.decode(), now), data)
         new = row_id is not None
         if sender is not None and row_id is not None:
-            sender.send(row_id, message_id, document.get("data"))
+            sender.send(row_id, message_id, data)
         line = {
             "event": "webhook.accepted",
             "level": "info",
@@ -313,14 +307,8 @@ def main() -> None:
         "thread hands rows to http.client threads (aiohttp)",
     )
     args = parser.parse_args()
-    web.run_app(
-        create_app(args.path, args.db, args.erp, args.token, args.synchronous, args.erp_client),
-        host="127.0.0.1",
-        port=args.port,
-        access_log=None,
-        print=None,
-        handle_signals=True,
-    )
+    app = create_app(args.path, args.db, args.erp, args.token, args.synchronous, args.erp_client)
+    serve(app, args.port)
 
 
 if __name__ == "__main__":
